@@ -1,0 +1,109 @@
+"""Every ssToken knob in one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SCOPES = ("sample", "batch")
+ATTN_BACKENDS = ("sdpa", "eager")
+HISTORIES = ("base", "model", "ema", "cache")
+SELECTORS = ("sstoken", "full", "random", "rho1")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
+
+
+@dataclass
+class SSTokenConfig:
+    """Settings of ssToken token selection (names follow the paper: rho = select_ratio)."""
+
+    select_ratio: float = field(
+        default=0.6,
+        metadata={
+            "help": "rho: share of each sample's response tokens trained on, top ceil(rho * n). In (0, 1]."
+        },
+    )
+    gamma: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the normalised REL signal; 1 - gamma weighs the attention score. In [0, 1]."
+        },
+    )
+    attn_layer: int = field(
+        default=-1,
+        metadata={
+            "help": "Decoder layer whose attention gives AttnScore; negative counts from the end (-1: last)."
+        },
+    )
+    scope: str = field(
+        default="sample",
+        metadata={
+            "help": "'sample': top rho within each sample (the paper); 'batch': top rho over the micro-batch."
+        },
+    )
+    attn_backend: str = field(
+        default="sdpa",
+        metadata={
+            "help": "'sdpa': fused attention with the prompt indicator as value, O(T) memory; "
+            "'eager': the paper's materialised softmax(QK^T) recompute."
+        },
+    )
+    rel_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps at the start during which gamma is 0 (history and current model agree)."
+        },
+    )
+    history: str = field(
+        default="base",
+        metadata={
+            "help": "Where L_his comes from: 'base' (PEFT adapters disabled), 'model' (a separate frozen model), "
+            "'ema' (EMA of the trained weights), 'cache' (per-token base losses stored on disk)."
+        },
+    )
+    history_model: str | None = field(
+        default=None,
+        metadata={"help": "Path or hub id of the history model, for history='model'."},
+    )
+    selector: str = field(
+        default="sstoken",
+        metadata={
+            "help": "'sstoken' (the method), 'full' (no selection), 'random' (uniform rho), "
+            "'rho1' (excess loss against a reference model)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.select_ratio <= 1.0:
+            raise ValueError(
+                f"select_ratio={self.select_ratio} must be in (0, 1]: it is the share of tokens kept."
+            )
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(
+                f"gamma={self.gamma} must be in [0, 1]: it weighs REL against the attention score."
+            )
+        if self.rel_warmup_steps < 0:
+            raise ValueError(f"rel_warmup_steps={self.rel_warmup_steps} must be >= 0.")
+        _one_of("scope", self.scope, SCOPES)
+        _one_of("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _one_of("history", self.history, HISTORIES)
+        _one_of("selector", self.selector, SELECTORS)
+
+    def layer_index(self, num_layers: int) -> int:
+        """Resolve attn_layer against a model with num_layers decoder layers, or raise."""
+        index = self.attn_layer + num_layers if self.attn_layer < 0 else self.attn_layer
+        if not 0 <= index < num_layers:
+            raise ValueError(
+                f"attn_layer={self.attn_layer} is out of range for a model with {num_layers} decoder layers; "
+                f"use 0..{num_layers - 1} or -1..-{num_layers}."
+            )
+        return index
+
+    @classmethod
+    def field_help(cls) -> dict[str, tuple[Any, str]]:
+        """Field name -> (default, help text), for docs and command-line parsers."""
+        return {f.name: (f.default, f.metadata.get("help", "")) for f in fields(cls)}

@@ -1,0 +1,69 @@
+"""A pre-hook on one attention module that scores attention-to-prompt inside the training forward.
+
+The hook runs inside the layer's own forward, so FSDP / ZeRO-3 have the layer's weights gathered, and it
+leaves the main forward's attention implementation alone. It is armed for one forward at a time and disarms
+itself after firing: the gradient-checkpoint recompute of the layer during backward does not score again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from sstoken_trl.adapters import AttnAdapter
+from sstoken_trl.attn_score import BACKENDS
+from sstoken_trl.layout import Layout
+
+
+@contextmanager
+def dropout_off(module: nn.Module) -> Iterator[None]:
+    """Put `module` and its children (LoRA dropout included) in eval mode, then restore their modes."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class AttnScoreHook:
+    """Computes AttnScore (B, T) at `attn_module` during the next forward after `arm`."""
+
+    def __init__(self, attn_module: nn.Module, adapter: AttnAdapter, backend: str) -> None:
+        self.attn_module = attn_module
+        self.adapter = adapter
+        self.score_fn = BACKENDS[backend]
+        self._layout: Layout | None = None
+        self._score: torch.Tensor | None = None
+        self._handle = attn_module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def arm(self, layout: Layout) -> None:
+        self._layout, self._score = layout, None
+
+    def take(self) -> torch.Tensor:
+        """The score of the last armed forward; raises if the hooked layer did not run."""
+        score, self._score, self._layout = self._score, None, None
+        if score is None:
+            raise RuntimeError(
+                "the hooked attention layer did not run during the forward: no AttnScore computed."
+            )
+        return score
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._layout = self._score = None
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._layout is None:
+            return
+        layout, self._layout = self._layout, None
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+        with torch.no_grad(), dropout_off(module):
+            q, k = self.adapter.query_key(module, hidden_states, position_embeddings)
+            self._score = self.score_fn(q, k, layout, module.scaling, self.adapter.sliding_window(module))

@@ -1,0 +1,159 @@
+"""The selective forward: history log-probs, the training forward with AttnScore, selection, masked outputs.
+
+It replaces the `forward` of the model that carries TRL's fused LM head. TRL's compute_loss then sums
+`-log_probs` (zero off the kept tokens) and divides by `num_items_in_batch`, which `SelectionBudget` made
+the kept-token count: the loss is the mean NLL over the selected tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from sstoken_trl.budget import REAL_LABELS, selection_segments
+from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.history import HistorySource
+from sstoken_trl.hook import AttnScoreHook
+from sstoken_trl.layout import Layout, batch_layout
+from sstoken_trl.selection import combine, minmax_normalise, rel, top_ratio
+
+STAT_NAMES = (
+    "response_tokens",
+    "kept_tokens",
+    "rel_sum",
+    "attn_score_sum",
+    "kept_by_attention",
+    "nonfinite_rel",
+)
+
+
+@dataclass
+class Selection:
+    """One micro-batch's selection, on target positions (B, T-1) except input_ids / labels (B, T)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    response: torch.Tensor
+    rel: torch.Tensor
+    attn_score: torch.Tensor
+    score: torch.Tensor
+    keep: torch.Tensor
+
+
+def sstoken_select(
+    config: SSTokenConfig, layout: Layout, rel_values: torch.Tensor, attn: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(score, keep, keep by REL alone). Non-finite REL is never kept."""
+    response = layout.response
+    finite = response & rel_values.isfinite()
+    samples, num_samples = layout.sample_ids(), layout.num_samples
+    rel_norm = minmax_normalise(torch.nan_to_num(rel_values), samples, finite, num_samples)
+    score = combine(rel_norm, attn, gamma)
+    segment, num_segments = selection_segments(layout, config.scope)
+    keep = top_ratio(score, segment, finite, num_segments, config.select_ratio)
+    keep_rel = top_ratio(rel_norm, segment, finite, num_segments, config.select_ratio)
+    return score, keep, keep_rel
+
+
+class SelectiveForward:
+    """Drop-in `forward` for the model that carries TRL's fused LM head."""
+
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        config: SSTokenConfig,
+        hook: AttnScoreHook,
+        history: HistorySource | None,
+    ) -> None:
+        self.forward = forward
+        self.config = config
+        self.hook = hook
+        self.history = history
+        self.global_step = 0
+        self.calls = 0
+        self.stats: torch.Tensor | None = None
+        self.last: Selection | None = None
+
+    def gamma(self) -> float:
+        return 0.0 if self.global_step < self.config.rel_warmup_steps else self.config.gamma
+
+    def __call__(self, *args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
+        real_labels = kwargs.pop(REAL_LABELS, None)
+        if real_labels is None:
+            return self.forward(*args, fused_lm_head=fused_lm_head, **kwargs)
+        if not fused_lm_head:
+            raise RuntimeError(
+                "The trainer called the model on a training batch without TRL's fused LM head, so it computes "
+                "its loss in a way ssToken does not know (compute_loss_func, label smoothing, or a custom "
+                "compute_loss). ssToken refuses to train plain SFT silently; use the default SFT loss."
+            )
+        kwargs["labels"] = real_labels
+        layout = batch_layout(real_labels, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        gamma = self.gamma()
+        logp_his = self.history.log_probs(self.forward, kwargs) if self.history and gamma > 0 else None
+        self.hook.arm(layout)
+        out = self.forward(*args, fused_lm_head=True, **kwargs)
+        attn = self.hook.take()[:, 1:]
+        logp_cur = out.log_probs.detach()
+        rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
+        score, keep, keep_rel = sstoken_select(self.config, layout, rel_values, attn, gamma)
+        self._record(kwargs, layout, rel_values, attn, score, keep, keep_rel)
+        return self._masked(out, keep)
+
+    @staticmethod
+    def _masked(out: Any, keep: torch.Tensor) -> Any:
+        """The fused output restricted to kept tokens: TRL's loss and metrics then cover those alone."""
+        zero = torch.zeros((), dtype=out.log_probs.dtype, device=keep.device)
+        log_probs = torch.where(keep, out.log_probs, zero)
+        fields = {"log_probs": log_probs, "label_mask": keep}
+        for name in ("entropy", "is_top1", "log_sum_sq_probs", "mean_logits"):
+            value = getattr(out, name)
+            if value is not None:
+                fields[name] = torch.where(
+                    keep, value, torch.zeros((), dtype=value.dtype, device=keep.device)
+                )
+        fields["loss"] = -log_probs.sum() / keep.sum().clamp(min=1)
+        return replace(out, **fields)
+
+    def _record(
+        self,
+        inputs: dict[str, Any],
+        layout: Layout,
+        rel_values: torch.Tensor,
+        attn: torch.Tensor,
+        score: torch.Tensor,
+        keep: torch.Tensor,
+        keep_rel: torch.Tensor,
+    ) -> None:
+        response = layout.response
+        finite_rel = torch.where(response & rel_values.isfinite(), rel_values, 0.0)
+        stats = torch.stack(
+            [
+                response.sum(),
+                keep.sum(),
+                finite_rel.sum(),
+                (attn * response).sum(),
+                (keep & ~keep_rel).sum(),
+                (response & ~rel_values.isfinite()).sum(),
+            ]
+        ).float()
+        self.stats = stats if self.stats is None else self.stats + stats
+        self.calls += 1
+        self.last = Selection(
+            input_ids=inputs["input_ids"].detach(),
+            labels=inputs["labels"].detach(),
+            response=response,
+            rel=rel_values,
+            attn_score=attn,
+            score=score,
+            keep=keep,
+        )
+
+    def take_stats(self) -> tuple[int, torch.Tensor | None]:
+        """(micro-batches seen, summed statistics) since the last call, and reset them."""
+        calls, stats = self.calls, self.stats
+        self.calls, self.stats = 0, None
+        return calls, stats
