@@ -38,9 +38,7 @@ def find_trainer() -> Trainer:
 def check_loss_path(trainer: Trainer) -> None:
     """Raise unless the trainer computes TRL's default NLL through the fused LM head."""
     if not isinstance(trainer, SFTTrainer):
-        raise TypeError(
-            f"SSTokenCallback needs a trl.SFTTrainer (or a subclass), got {type(trainer).__name__}."
-        )
+        raise TypeError(f"SSTokenCallback needs a trl.SFTTrainer (or a subclass), got {type(trainer).__name__}.")
     args = trainer.args
     problems = []
     if args.loss_type != "nll":
@@ -80,9 +78,7 @@ class SSTokenCallback(TrainerCallback):
     steps, `last_selection` holds the last micro-batch's selection for inspection.
     """
 
-    def __init__(
-        self, config: SSTokenConfig | None = None, history_model: nn.Module | str | None = None
-    ) -> None:
+    def __init__(self, config: SSTokenConfig | None = None, history_model: nn.Module | str | None = None) -> None:
         self.config = config or SSTokenConfig()
         self.history_model = history_model if history_model is not None else self.config.history_model
         if self.config.history == "model" and self.history_model is None:
@@ -101,9 +97,7 @@ class SSTokenCallback(TrainerCallback):
         self.trainer = find_trainer()
         check_loss_path(self.trainer)
 
-    def on_train_begin(
-        self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
-    ) -> None:
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any) -> None:
         trainer = self.trainer or find_trainer()
         self.trainer = trainer
         check_loss_path(trainer)
@@ -139,7 +133,7 @@ class SSTokenCallback(TrainerCallback):
                 "or the model forward was replaced after training started."
             )
         stats = self.trainer.accelerator.reduce(stats, reduction="sum").tolist()
-        values = dict(zip(STAT_NAMES, stats))
+        values = dict(zip(STAT_NAMES, stats, strict=True))
         n, kept = max(values["response_tokens"], 1.0), max(values["kept_tokens"], 1.0)
         metrics = self.trainer._metrics["train"]
         metrics["sstoken/selected_fraction"].append(values["kept_tokens"] / n)

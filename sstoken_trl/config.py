@@ -22,27 +22,19 @@ class SSTokenConfig:
 
     select_ratio: float = field(
         default=0.6,
-        metadata={
-            "help": "rho: share of each sample's response tokens trained on, top ceil(rho * n). In (0, 1]."
-        },
+        metadata={"help": "rho: share of each sample's response tokens trained on, top ceil(rho * n). In (0, 1]."},
     )
     gamma: float = field(
         default=0.5,
-        metadata={
-            "help": "Weight of the normalised REL signal; 1 - gamma weighs the attention score. In [0, 1]."
-        },
+        metadata={"help": "Weight of the normalised REL signal; 1 - gamma weighs the attention score. In [0, 1]."},
     )
     attn_layer: int = field(
         default=-1,
-        metadata={
-            "help": "Decoder layer whose attention gives AttnScore; negative counts from the end (-1: last)."
-        },
+        metadata={"help": "Decoder layer whose attention gives AttnScore; negative counts from the end (-1: last)."},
     )
     scope: str = field(
         default="sample",
-        metadata={
-            "help": "'sample': top rho within each sample (the paper); 'batch': top rho over the micro-batch."
-        },
+        metadata={"help": "'sample': top rho within each sample (the paper); 'batch': top rho over the micro-batch."},
     )
     attn_backend: str = field(
         default="sdpa",
@@ -53,9 +45,7 @@ class SSTokenConfig:
     )
     rel_warmup_steps: int = field(
         default=0,
-        metadata={
-            "help": "Optimizer steps at the start during which gamma is 0 (history and current model agree)."
-        },
+        metadata={"help": "Optimizer steps at the start during which gamma is 0 (history and current model agree)."},
     )
     history: str = field(
         default="base",
@@ -79,13 +69,9 @@ class SSTokenConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.select_ratio <= 1.0:
-            raise ValueError(
-                f"select_ratio={self.select_ratio} must be in (0, 1]: it is the share of tokens kept."
-            )
+            raise ValueError(f"select_ratio={self.select_ratio} must be in (0, 1]: it is the share of tokens kept.")
         if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(
-                f"gamma={self.gamma} must be in [0, 1]: it weighs REL against the attention score."
-            )
+            raise ValueError(f"gamma={self.gamma} must be in [0, 1]: it weighs REL against the attention score.")
         if self.rel_warmup_steps < 0:
             raise ValueError(f"rel_warmup_steps={self.rel_warmup_steps} must be >= 0.")
         _one_of("scope", self.scope, SCOPES)

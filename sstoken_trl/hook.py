@@ -49,9 +49,7 @@ class AttnScoreHook:
         """The score of the last armed forward; raises if the hooked layer did not run."""
         score, self._score, self._layout = self._score, None, None
         if score is None:
-            raise RuntimeError(
-                "the hooked attention layer did not run during the forward: no AttnScore computed."
-            )
+            raise RuntimeError("the hooked attention layer did not run during the forward: no AttnScore computed.")
         return score
 
     def remove(self) -> None:

@@ -67,9 +67,7 @@ def top_ratio(
     return keep.view_as(mask) & mask
 
 
-def first_ratio(
-    segment: torch.Tensor, mask: torch.Tensor, num_segments: int, select_ratio: float
-) -> torch.Tensor:
+def first_ratio(segment: torch.Tensor, mask: torch.Tensor, num_segments: int, select_ratio: float) -> torch.Tensor:
     """The first ceil(rho * n) masked positions of each segment: as many tokens as `top_ratio` keeps."""
     position = torch.arange(mask.numel(), device=mask.device, dtype=torch.double).view_as(mask)
     return top_ratio(-position, segment, mask, num_segments, select_ratio)

@@ -112,9 +112,7 @@ class SelectiveForward:
         for name in ("entropy", "is_top1", "log_sum_sq_probs", "mean_logits"):
             value = getattr(out, name)
             if value is not None:
-                fields[name] = torch.where(
-                    keep, value, torch.zeros((), dtype=value.dtype, device=keep.device)
-                )
+                fields[name] = torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=keep.device))
         fields["loss"] = -log_probs.sum() / keep.sum().clamp(min=1)
         return replace(out, **fields)
 

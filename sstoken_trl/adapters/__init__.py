@@ -15,8 +15,7 @@ def get_adapter(model_type: str) -> AttnAdapter:
     """The adapter for `model_type`, or a ValueError naming the supported types."""
     if model_type not in ADAPTERS:
         raise ValueError(
-            f"ssToken has no attention adapter for model_type={model_type!r}; "
-            f"supported: {', '.join(sorted(ADAPTERS))}."
+            f"ssToken has no attention adapter for model_type={model_type!r}; supported: {', '.join(sorted(ADAPTERS))}."
         )
     return ADAPTERS[model_type]
 

@@ -9,9 +9,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-QueryKey = Callable[
-    [nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
-]
+QueryKey = Callable[[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
