@@ -107,14 +107,15 @@ class SSTokenCallback(TrainerCallback):
         layers = inner.get_decoder().layers
         attn_module = layers[self.config.layer_index(len(layers))].self_attn
         hook = AttnScoreHook(attn_module, adapter, self.config.attn_backend)
-        self.step = SelectiveForward(inner.forward, self.config, hook, self._history(trainer.model, inner))
+        fused_forward = inner.forward
+        self.step = SelectiveForward(fused_forward, self.config, hook, self._history(trainer.model, inner))
         inner.forward = self.step
         # accelerate's loaders delegate to the DataLoader they wrap: the collate function lives there.
         dataloader = kwargs["train_dataloader"]
         dataloader = getattr(dataloader, "base_dataloader", dataloader)
         collate_fn = dataloader.collate_fn
         dataloader.collate_fn = SelectionBudget(collate_fn, self.config.select_ratio, self.config.scope)
-        self._undo = [hook.remove, lambda: vars(inner).__setitem__("forward", self.step.forward)]
+        self._undo = [hook.remove, lambda: vars(inner).__setitem__("forward", fused_forward)]
         self._undo.append(lambda: setattr(dataloader, "collate_fn", collate_fn))
 
     def _history(self, model: nn.Module, inner: PreTrainedModel) -> HistorySource | None:

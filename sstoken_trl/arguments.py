@@ -1,0 +1,162 @@
+"""Command-line / recipe arguments of sstoken-train, on top of TRL's own dataclasses.
+
+`SSTokenArguments` is generated from `SSTokenConfig`'s fields (each prefixed `sstoken_`), so the two cannot
+drift; constructing it builds and validates the `SSTokenConfig`, so a bad value fails at parse time.
+`RunArguments` holds the few settings of the command itself (data template, demo model), prefixed the same
+way: every recipe key that TRL's `trl sft` does not know starts with `sstoken_`.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import Any
+
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.spans import ASSISTANT_TAG, USER_TAG
+
+PREFIX = "sstoken_"
+
+
+def _to_config(self: Any) -> SSTokenConfig:
+    """The `SSTokenConfig` these arguments describe."""
+    values = {f.name: getattr(self, PREFIX + f.name) for f in fields(SSTokenConfig)}
+    return SSTokenConfig(**values)
+
+
+def _validate(self: Any) -> None:
+    try:
+        self.to_config()
+    except ValueError as err:
+        raise ValueError(f"Invalid ssToken setting (recipe keys and flags carry the prefix {PREFIX!r}): {err}") from err
+
+
+def _generated_fields() -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(SSTokenConfig)
+    specs = []
+    for f in fields(SSTokenConfig):
+        default = {"default": f.default} if f.default is not MISSING else {"default_factory": f.default_factory}
+        specs.append((PREFIX + f.name, hints[f.name], field(metadata=dict(f.metadata), **default)))
+    return specs
+
+
+SSTokenArguments = make_dataclass(
+    "SSTokenArguments",
+    _generated_fields(),
+    namespace={"to_config": _to_config, "__post_init__": _validate, "__module__": __name__},
+)
+SSTokenArguments.__doc__ = "`SSTokenConfig`'s fields, prefixed `sstoken_` (generated: see `SSTokenConfig` for help)."
+
+
+@dataclass
+class RunArguments:
+    """Settings of the sstoken-train command that are neither TRL's nor the selection's."""
+
+    sstoken_user_tag: str = field(
+        default=USER_TAG, metadata={"help": "Tag that opens a user turn in template-text (`text`) samples."}
+    )
+    sstoken_assistant_tag: str = field(
+        default=ASSISTANT_TAG, metadata={"help": "Tag that opens an assistant turn (the response) in template text."}
+    )
+    sstoken_on_bad_sample: str = field(
+        default="error",
+        metadata={
+            "help": "A sample with no response to train on: 'error' stops with its row index, 'skip' drops it.",
+            "choices": ["error", "skip"],
+        },
+    )
+    sstoken_build_tiny_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Demo: if model_name_or_path does not exist, build a small LLaMA-shaped model and tokenizer "
+            "there from the training data and give it a short plain-SFT base training; reused when it exists."
+        },
+    )
+    sstoken_tiny_base_steps: int = field(
+        default=120, metadata={"help": "Demo: optimizer steps of the plain-SFT base training of the tiny model."}
+    )
+
+
+DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SSTokenArguments, RunArguments)
+SSTOKEN_DATACLASSES = (SSTokenArguments, RunArguments)
+
+
+@dataclass
+class Recipe:
+    """Everything one sstoken-train run is configured with."""
+
+    script: ScriptArguments
+    training: SFTConfig
+    model: ModelConfig
+    data: DatasetMixtureConfig
+    sstoken: SSTokenConfig
+    run: RunArguments
+
+
+def make_parser(prog: str | None = "sstoken-train") -> TrlParser:
+    """TRL's parser over TRL's dataclasses plus the sstoken_ ones (`--config FILE`, flags override it)."""
+    return TrlParser(DATACLASSES, prog=prog, allow_abbrev=False)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    if "--config" not in argv:
+        return None
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise ValueError("--config needs a path to a YAML recipe, e.g. --config recipes/demo-cpu.yaml.")
+    return argv[index + 1]
+
+
+def parse_recipe(argv: list[str] | None = None) -> Recipe:
+    """Parse `--config FILE` and flags into a `Recipe`; unknown keys and bad values raise a ValueError naming them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = _config_path(argv)
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(
+            f"Recipe {path!r} not found; the shipped recipes live in the project's recipes/ folder."
+        )
+    parsed = make_parser().parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+    *values, from_config, from_flags = parsed
+    if from_config:
+        keys = ", ".join(repr(k[2:]) for k in from_config[::2])
+        raise ValueError(
+            f"{path}: unknown key(s) {keys}: not a field of TRL's ScriptArguments, SFTConfig, ModelConfig or "
+            f"DatasetMixtureConfig, nor an {PREFIX} setting. Check the spelling; `sstoken-train --help` lists every key."
+        )
+    if from_flags:
+        raise ValueError(
+            f"Unknown command-line argument(s) {from_flags}. Flags are recipe keys with two dashes "
+            "(--learning_rate 1e-4, --sstoken_select_ratio 0.6); `sstoken-train --help` lists them."
+        )
+    script, training, model, data, sstoken_args, run = values
+    return Recipe(script, training, model, data, sstoken_args.to_config(), run)
+
+
+def _default_text(value: Any) -> str:
+    return "`None`" if value is None else f"`{value}`"
+
+
+def fields_markdown() -> str:
+    """The README table of every sstoken_ key: name, default, help (generated, so it cannot drift)."""
+    lines = ["| key | default | what it does |", "|---|---|---|"]
+    for cls in SSTOKEN_DATACLASSES:
+        for f in fields(cls):
+            help_text = f.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {_default_text(f.default)} | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "DATACLASSES",
+    "PREFIX",
+    "Recipe",
+    "RunArguments",
+    "SSTokenArguments",
+    "fields_markdown",
+    "make_parser",
+    "parse_recipe",
+]

@@ -1,0 +1,247 @@
+"""SSTokenCallback inside an unmodified SFTTrainer: the tokens that get gradient, the loss, the logs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from sstoken_trl import SSTokenCallback, SSTokenConfig
+from sstoken_trl.tiny import build_model
+from tests.conftest import prompt_completion_rows
+from tests.reference import prompt_attention, reference_select, token_log_probs
+
+
+class Probe(TrainerCallback):
+    """Records each training micro-batch and which target positions received gradient through log-probs."""
+
+    def __init__(self, sstoken: SSTokenCallback) -> None:
+        self.sstoken = sstoken
+        self.batches: list[dict] = []
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        step = self.sstoken.step
+        fused = step.forward
+
+        def probed(*a, **kw):
+            out = fused(*a, **kw)
+            if out.log_probs.requires_grad:
+                record = {k: kw[k].clone() for k in ("input_ids", "attention_mask", "labels")}
+                self.batches.append(record)
+                out.log_probs.register_hook(lambda g: record.__setitem__("grad", g.clone()))
+            return out
+
+        step.forward = probed
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.grads:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def make_trainer(tokenizer, model_type="llama", rows=None, callbacks=(), trainer_cls=SFTTrainer, lora=None, **args):
+    rows = rows if rows is not None else prompt_completion_rows(16)
+    config = dict(
+        output_dir="/tmp/sstoken-test-out",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=0.0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        bf16=False,  # TRL turns bf16 autocast on by default, CPU included
+    )
+    config.update(args)
+    lora = lora or LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    return SFTTrainer(
+        model=build_model(model_type, len(tokenizer)),
+        args=SFTConfig(**config),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=list(callbacks),
+    )
+
+
+def reference_keep(model, batch, config: SSTokenConfig):
+    """Independent selection at the model's current weights: eager attention maps, full-logit log-probs, a loop."""
+    base = model.get_base_model()
+    base.set_attn_implementation("eager")
+    model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        cur = model(**inputs, output_attentions=True, use_cache=False)
+        with model.disable_adapter():
+            his = model(**inputs, use_cache=False)
+    base.set_attn_implementation("sdpa")
+    rel_values = token_log_probs(cur.logits, batch["input_ids"]) - token_log_probs(his.logits, batch["input_ids"])
+    layer = config.layer_index(len(cur.attentions))
+    attn = prompt_attention(cur.attentions[layer], batch["labels"], batch["attention_mask"])[:, 1:]
+    response = (batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, 1:].bool()
+    return reference_select(rel_values, attn, response, config.gamma, config.select_ratio), rel_values
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_gradient_flows_exactly_through_reference_selection(tokenizer, model_type):
+    config = SSTokenConfig(select_ratio=0.6, gamma=0.5)
+    sstoken = SSTokenCallback(config)
+    probe = Probe(sstoken)
+    trainer = make_trainer(tokenizer, model_type, callbacks=[sstoken, probe])
+    trainer.train()
+    assert len(probe.batches) == 4  # 2 steps x 2 accumulated micro-batches
+    for batch in probe.batches:
+        expected, rel_values = reference_keep(trainer.model, batch, config)
+        assert rel_values.abs().max() > 1e-3  # the adapters make current and history differ
+        assert torch.equal(batch["grad"] != 0, expected)
+
+
+def test_loss_and_gradients_equal_reference_under_accumulation(tokenizer):
+    sstoken = SSTokenCallback(SSTokenConfig(select_ratio=0.5, gamma=0.5))
+    probe = Probe(sstoken)
+    trainer = make_trainer(tokenizer, callbacks=[sstoken, probe], max_steps=1, gradient_accumulation_steps=3)
+    trainer.train()
+    assert len(probe.batches) == 3
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    # Reference: mean NLL over every kept token of the accumulation window, computed from full logits.
+    keeps = [b["grad"] != 0 for b in probe.batches]
+    total_kept = sum(int(k.sum()) for k in keeps)
+    loss = 0.0
+    for batch, keep in zip(probe.batches, keeps, strict=True):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logp = token_log_probs(out.logits, batch["input_ids"])
+        loss = loss + -(logp * keep).sum() / total_kept
+    loss.backward()
+    assert total_kept == sum(int(torch.ceil(0.5 * (b["labels"][:, 1:] != -100).sum(1)).sum()) for b in probe.batches)
+    logged = trainer.state.log_history[0]["loss"]
+    assert abs(logged - loss.item()) < 1e-5
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(probe.grads[name], param.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_logs_carry_selection_statistics_and_trl_metrics(tokenizer):
+    sstoken = SSTokenCallback(SSTokenConfig(select_ratio=0.6))
+    trainer = make_trainer(tokenizer, callbacks=[sstoken], learning_rate=1e-3)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert key in logs
+    assert 0.6 <= logs["sstoken/selected_fraction"] < 0.8  # ceil(0.6 n) of short responses
+    assert logs["sstoken/attn_score_mean"] > 0
+    assert 0 <= logs["sstoken/kept_by_attention_fraction"] <= 1
+    selection = sstoken.last_selection
+    assert torch.equal(selection.keep.sum(1), torch.ceil(0.6 * selection.response.sum(1) - 1e-9).long())
+    assert not (selection.keep & ~selection.response).any()
+
+
+def test_scoring_runs_once_per_training_forward_with_gradient_checkpointing(tokenizer):
+    sstoken = SSTokenCallback()
+    calls = []
+
+    class CountScoring(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            hook = sstoken.step.hook
+            score_fn = hook.score_fn
+            hook.score_fn = lambda *a: calls.append(1) or score_fn(*a)
+
+    trainer = make_trainer(tokenizer, callbacks=[sstoken, CountScoring()], gradient_checkpointing=True)
+    assert trainer.args.gradient_checkpointing
+    trainer.train()
+    assert len(calls) == 4  # 4 micro-batches, not 8 (the recompute in backward does not score)
+
+
+def test_training_leaves_the_models_fast_attention_and_cleans_up(tokenizer):
+    sstoken = SSTokenCallback()
+    trainer = make_trainer(tokenizer, callbacks=[sstoken])
+    inner = trainer.model.get_base_model()
+    fused_forward = inner.forward
+    trainer.train()
+    assert inner.config._attn_implementation == "sdpa"
+    assert inner.forward == fused_forward  # TRL's fused head is back
+    assert not any(m._forward_pre_hooks for m in inner.modules())
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "sstoken_labels" not in batch
+
+
+def test_bf16_training(tokenizer):
+    sstoken = SSTokenCallback()
+    trainer = make_trainer(tokenizer, callbacks=[sstoken], bf16=True, learning_rate=1e-3)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert sstoken.last_selection.keep.any()
+
+
+def test_conversational_dataset(tokenizer):
+    rows = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in prompt_completion_rows(16)
+    ]
+    sstoken = SSTokenCallback()
+    probe = Probe(sstoken)
+    trainer = make_trainer(tokenizer, rows=rows, callbacks=[sstoken, probe], assistant_only_loss=True)
+    trainer.train()
+    for batch in probe.batches:
+        response = batch["labels"][:, 1:] != -100
+        kept = batch["grad"] != 0
+        assert not (kept & ~response).any()
+        assert torch.equal(kept.sum(1), torch.ceil(0.6 * response.sum(1) - 1e-9).long())
+        assert ((batch["labels"] == -100) & batch["attention_mask"].bool()).sum(1).min() >= 3  # prompt present
+
+
+def test_users_own_trainer_subclass(tokenizer):
+    class MyTrainer(SFTTrainer):
+        seen = 0
+
+        def compute_loss(self, model, inputs, *a, **kw):
+            MyTrainer.seen += 1
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    sstoken = SSTokenCallback()
+    trainer = make_trainer(tokenizer, callbacks=[sstoken], trainer_cls=MyTrainer)
+    trainer.__class__ = MyTrainer
+    trainer.train()
+    assert MyTrainer.seen == 4 and sstoken.last_selection is not None
+
+
+def test_unknown_loss_paths_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        SFTTrainer(
+            model=build_model("llama", len(tokenizer)),
+            args=SFTConfig(output_dir="/tmp/sstoken-test-out", report_to=[], use_cpu=True),
+            train_dataset=Dataset.from_list(prompt_completion_rows(4)),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+            callbacks=[SSTokenCallback()],
+        )
+
+    class PlainLoss(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).loss  # no fused LM head: plain SFT
+
+    trainer = make_trainer(tokenizer, callbacks=[SSTokenCallback()])
+    trainer.__class__ = PlainLoss
+    with pytest.raises(RuntimeError, match="refuses to train plain SFT"):
+        trainer.train()
+
+
+def test_history_base_without_peft_is_refused(tokenizer):
+    trainer = SFTTrainer(
+        model=build_model("llama", len(tokenizer)),
+        args=SFTConfig(output_dir="/tmp/sstoken-test-out", max_steps=1, report_to=[], use_cpu=True),
+        train_dataset=Dataset.from_list(prompt_completion_rows(4)),
+        processing_class=tokenizer,
+        callbacks=[SSTokenCallback()],
+    )
+    with pytest.raises(ValueError, match="has none"):
+        trainer.train()
