@@ -92,3 +92,50 @@ def test_sdpa_backend_runs_on_a_fused_kernel_without_materialising_weights():
     torch.testing.assert_close(
         score * layout.real, eager_reference("llama", inputs, labels, 1) * layout.real, atol=1e-5, rtol=0
     )
+
+
+def test_multi_turn_response_attends_to_every_earlier_prompt_turn_but_not_earlier_responses():
+    # system(0-2) user1(3-5) answer1(6-8) user2(9-11) answer2(12-15): answers carry labels.
+    input_ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.full((1, 16), -100)
+    answers = [range(6, 9), range(12, 16)]
+    for span in answers:
+        labels[0, list(span)] = input_ids[0, list(span)]
+    prompt_columns = [0, 1, 2, 3, 4, 5, 9, 10, 11]  # written out by hand: every non-answer token
+    score, _ = hooked_score("llama", {"input_ids": input_ids}, labels, 1, "sdpa")
+    model = build_model("llama", VOCAB, attn_implementation="eager").eval()
+    with torch.no_grad():
+        maps = model(input_ids=input_ids, output_attentions=True, use_cache=False).attentions[1]
+    expected = maps[..., prompt_columns].sum(-1).mean(1)
+    torch.testing.assert_close(score, expected, atol=1e-5, rtol=0)
+    # Answer 2 gives attention to the first answer's tokens that does NOT count.
+    to_answer1 = maps[0, :, 12:16][..., 6:9].sum(-1).mean(0)
+    assert (to_answer1 > 1e-3).all()
+    torch.testing.assert_close(
+        score[0, 12:16] + to_answer1, maps[0, :, 12:16][..., :12].sum(-1).mean(0), atol=1e-5, rtol=0
+    )
+
+
+def test_lora_dropout_is_off_while_scoring():
+    from peft import LoraConfig, get_peft_model
+
+    inputs, labels = make_batch("right")
+    model = build_model("llama", VOCAB)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False)
+    )
+    # Layer 0: its input is the embedding, which dropout does not touch, so only the scoring's own q/k could differ.
+    attn = peft_model.get_base_model().model.layers[0].self_attn
+    layout = batch_layout(labels, inputs.get("attention_mask"))
+    scores = []
+    for train in (True, True, False):
+        peft_model.train(train)
+        hook = AttnScoreHook(attn, get_adapter("llama"), "sdpa")
+        hook.arm(layout)
+        with torch.no_grad():
+            peft_model(**inputs, use_cache=False)
+        scores.append(hook.take())
+        hook.remove()
+    assert peft_model.training is False and attn.q_proj.lora_dropout["default"].training is False
+    torch.testing.assert_close(scores[0], scores[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores[1], scores[2], atol=1e-6, rtol=0)

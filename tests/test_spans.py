@@ -177,6 +177,10 @@ def test_labels_with_ignore_index_are_trusted(tok):
     with pytest.raises(BadSampleError) as err:
         finder.from_ids(ids, [-100] * len(ids))
     assert err.value.reason == "no_labels"
+    # TRL's full-sequence labels on data without the tags (e.g. messages prepared without assistant_only_loss)
+    plain = tok("Hello there, no tags.")["input_ids"]
+    with pytest.raises(BadSampleError, match="assistant_only_loss=True"):
+        finder.from_ids(plain, labels=plain)
 
 
 @pytest.mark.parametrize(
@@ -184,8 +188,8 @@ def test_labels_with_ignore_index_are_trusted(tok):
     [
         ("<|User|>Hello there.", "no_assistant", "no '<|Assistant|>' found"),
         ("System.<|Assistant|>Hi.<|User|>Hello.", "wrong_order", "before any '<|User|>'"),
-        ("<|User|>Hello.<|Assistant|>", "empty_response", "response 1 .* is empty"),
-        ("<|User|>Hi<|Assistant|>Yes.<|User|>And?<|Assistant|>  </s>", "empty_response", "response 2"),
+        ("<|User|>Hello.<|Assistant|>", "empty_response", "#1 is empty"),
+        ("<|User|>Hi<|Assistant|>Yes.<|User|>And?<|Assistant|>  </s>", "empty_response", "#2 is empty"),
     ],
 )
 @pytest.mark.parametrize("fmt", ["text", "ids"])

@@ -30,7 +30,9 @@ class Probe(TrainerCallback):
         def probed(*a, **kw):
             out = fused(*a, **kw)
             if out.log_probs.requires_grad:
-                record = {k: kw[k].clone() for k in ("input_ids", "attention_mask", "labels")}
+                record = {
+                    k: kw[k].clone() for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in kw
+                }
                 self.batches.append(record)
                 out.log_probs.register_hook(lambda g: record.__setitem__("grad", g.clone()))
             return out
@@ -245,3 +247,31 @@ def test_history_base_without_peft_is_refused(tokenizer):
     )
     with pytest.raises(ValueError, match="has none"):
         trainer.train()
+
+
+def test_padding_free_documents_are_selected_as_separate_samples(tokenizer):
+    config = SSTokenConfig(select_ratio=0.6, gamma=0.5)
+    sstoken = SSTokenCallback(config)
+    probe = Probe(sstoken)
+    trainer = make_trainer(tokenizer, callbacks=[sstoken, probe], padding_free=True, max_length=None, max_steps=1)
+    trainer.train()
+    for batch in probe.batches:
+        assert "attention_mask" not in batch and batch["input_ids"].size(0) == 1
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].size(1)]
+        docs = list(zip(starts[:-1], starts[1:], strict=True))
+        assert len(docs) == 4
+        # Reference: every document as its own right-padded row, through eager attention and full logits.
+        width = max(e - s for s, e in docs)
+        rows = {"input_ids": torch.zeros(len(docs), width, dtype=torch.long)}
+        rows["attention_mask"] = torch.zeros(len(docs), width, dtype=torch.long)
+        rows["labels"] = torch.full((len(docs), width), -100)
+        for i, (s, e) in enumerate(docs):
+            rows["input_ids"][i, : e - s] = batch["input_ids"][0, s:e]
+            rows["attention_mask"][i, : e - s] = 1
+            rows["labels"][i, : e - s] = batch["labels"][0, s:e]
+        expected, _ = reference_keep(trainer.model, rows, config)
+        got = batch["grad"] != 0
+        for i, (s, e) in enumerate(docs):
+            assert torch.equal(got[0, s : e - 1], expected[i, : e - s - 1])
+            if e - 1 < got.size(1):
+                assert not got[0, e - 1]  # the position that would predict the next document's first token
