@@ -18,9 +18,13 @@ from trl import SFTTrainer
 
 from sstoken_trl.adapters import get_adapter
 from sstoken_trl.budget import SelectionBudget
+from sstoken_trl.cache import CacheHistory, open_cache
+from sstoken_trl.checkpoint import checkpoint_folder, resume_checkpoint
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.history import BaseHistory, HistorySource, ModelHistory
+from sstoken_trl.ema import EMAHistory
+from sstoken_trl.history import BaseHistory, Forward, HistorySource, ModelHistory
 from sstoken_trl.hook import AttnScoreHook
+from sstoken_trl.selectors import budget_ratio, uses_history
 from sstoken_trl.step import STAT_NAMES, Selection, SelectiveForward
 
 
@@ -83,11 +87,10 @@ class SSTokenCallback(TrainerCallback):
         self.history_model = history_model if history_model is not None else self.config.history_model
         if self.config.history == "model" and self.history_model is None:
             raise ValueError("history='model' needs a history model: pass history_model=<path or model>.")
-        if self.config.history in ("ema", "cache"):
-            raise NotImplementedError(f"history={self.config.history!r} is not available in this version.")
         self.trainer: Trainer | None = None
         self.step: SelectiveForward | None = None
         self._undo: list = []
+        self._collate_fn = None
 
     @property
     def last_selection(self) -> Selection | None:
@@ -108,20 +111,38 @@ class SSTokenCallback(TrainerCallback):
         attn_module = layers[self.config.layer_index(len(layers))].self_attn
         hook = AttnScoreHook(attn_module, adapter, self.config.attn_backend)
         fused_forward = inner.forward
-        self.step = SelectiveForward(fused_forward, self.config, hook, self._history(trainer.model, inner))
+        history = self._history(trainer, inner, fused_forward, state.global_step)
+        self.step = SelectiveForward(fused_forward, self.config, hook, history)
         inner.forward = self.step
         # accelerate's loaders delegate to the DataLoader they wrap: the collate function lives there.
         dataloader = kwargs["train_dataloader"]
         dataloader = getattr(dataloader, "base_dataloader", dataloader)
-        collate_fn = dataloader.collate_fn
-        dataloader.collate_fn = SelectionBudget(collate_fn, self.config.select_ratio, self.config.scope)
+        collate_fn = self._collate_fn = dataloader.collate_fn
+        budget = SelectionBudget(collate_fn, budget_ratio(self.config), self.config.scope)
+        dataloader.collate_fn = history.wrap_collate(budget) if isinstance(history, CacheHistory) else budget
         self._undo = [hook.remove, lambda: vars(inner).__setitem__("forward", fused_forward)]
         self._undo.append(lambda: setattr(dataloader, "collate_fn", collate_fn))
 
-    def _history(self, model: nn.Module, inner: PreTrainedModel) -> HistorySource | None:
-        if self.config.history == "base":
-            return BaseHistory(model)
-        return ModelHistory(self.history_model, like=inner)
+    def _history(
+        self, trainer: Trainer, inner: PreTrainedModel, forward: Forward, global_step: int
+    ) -> HistorySource | None:
+        """The configured history source; None when the selector never uses one. Resumed runs restore its state."""
+        kind = self.config.history
+        if not uses_history(self.config):
+            return None
+        if kind == "base":
+            return BaseHistory(trainer.model)
+        if kind == "model":
+            return ModelHistory(self.history_model, like=inner)
+        resume = resume_checkpoint() if global_step > 0 else None
+        if kind == "cache":
+            return open_cache(self.config.history_cache_dir, trainer, forward, resume)
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            raise ValueError("history='ema' swaps whole parameters in and out; FSDP and DeepSpeed shard them.")
+        ema = EMAHistory(trainer.model, self.config.ema_alpha, self.config.ema_update_steps, self.config.ema_on_cpu)
+        if resume is not None:
+            ema.load(resume)
+        return ema
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step.global_step = state.global_step
@@ -142,6 +163,17 @@ class SSTokenCallback(TrainerCallback):
         metrics["sstoken/attn_score_mean"].append(values["attn_score_sum"] / n)
         metrics["sstoken/kept_by_attention_fraction"].append(values["kept_by_attention"] / kept)
         metrics["sstoken/nonfinite_rel_tokens"].append(values["nonfinite_rel"])
+        # Running totals of a collator that counts bad or truncated samples (SSTokenCollator.counts).
+        for key, total in getattr(self._collate_fn, "counts", {}).items():
+            metrics[f"sstoken/{key}"] = [total]
+        if isinstance(self.step.history, EMAHistory):
+            self.step.history.update(state.global_step)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Store the history state (EMA weights, cache fingerprint) in the checkpoint just written."""
+        history = self.step.history if self.step else None
+        if args.should_save and isinstance(history, EMAHistory | CacheHistory):
+            history.save(checkpoint_folder(args, state))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for undo in reversed(self._undo):

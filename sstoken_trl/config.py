@@ -56,13 +56,41 @@ class SSTokenConfig:
     )
     history_model: str | None = field(
         default=None,
-        metadata={"help": "Path or hub id of the history model, for history='model'."},
+        metadata={
+            "help": "Path or hub id of the history model, for history='model' (with selector='rho1': the reference "
+            "model of the excess loss)."
+        },
+    )
+    ema_alpha: float = field(
+        default=0.99,
+        metadata={
+            "help": "alpha of the history EMA (paper Eq. 4), history='ema': theta_his <- alpha * theta_his + "
+            "(1 - alpha) * theta. In [0, 1]; 1 keeps the weights training started from."
+        },
+    )
+    ema_update_steps: int = field(
+        default=1,
+        metadata={"help": "Optimizer steps between two EMA updates of the history weights (history='ema'). >= 1."},
+    )
+    ema_on_cpu: bool = field(
+        default=False,
+        metadata={
+            "help": "history='ema': keep the EMA weights in CPU memory and copy them in for each history forward "
+            "(no accelerator memory; transfer time per micro-batch)."
+        },
+    )
+    history_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the on-disk per-token base-loss cache, for history='cache'. Built on first use; reused "
+            "by runs with the same base model, tokenizer and training samples, rejected otherwise."
+        },
     )
     selector: str = field(
         default="sstoken",
         metadata={
             "help": "'sstoken' (the method), 'full' (no selection), 'random' (uniform rho), "
-            "'rho1' (excess loss against a reference model)."
+            "'rho1' (excess loss L_cur - L_ref; the history source is the reference). docs/selectors.md."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
@@ -74,6 +102,12 @@ class SSTokenConfig:
             raise ValueError(f"gamma={self.gamma} must be in [0, 1]: it weighs REL against the attention score.")
         if self.rel_warmup_steps < 0:
             raise ValueError(f"rel_warmup_steps={self.rel_warmup_steps} must be >= 0.")
+        if not 0.0 <= self.ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha={self.ema_alpha} must be in [0, 1]: it is the weight kept by the history EMA.")
+        if self.ema_update_steps < 1:
+            raise ValueError(f"ema_update_steps={self.ema_update_steps} must be >= 1 (optimizer steps per EMA update).")
+        if self.history == "cache" and not self.history_cache_dir:
+            raise ValueError("history='cache' needs history_cache_dir=<folder> for the stored per-token losses.")
         _one_of("scope", self.scope, SCOPES)
         _one_of("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _one_of("history", self.history, HISTORIES)

@@ -87,7 +87,8 @@ def pretrain(model: torch.nn.Module, collator: SSTokenCollator, dataset: Dataset
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
-    for _ in tqdm(range(steps), desc="base model: plain SFT"):
+    bar = tqdm(range(steps), desc="base model: plain SFT")
+    for _ in bar:
         rows = torch.randint(len(dataset), (16,), generator=generator).tolist()
         batch = {k: v.to(model.device) for k, v in collator([dataset[i] for i in rows]).items()}
         loss = model(**batch).loss
@@ -95,6 +96,7 @@ def pretrain(model: torch.nn.Module, collator: SSTokenCollator, dataset: Dataset
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def build_tiny_base(path: Path, dataset: Dataset, steps: int, seed: int, max_length: int | None) -> None:

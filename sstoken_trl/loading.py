@@ -64,6 +64,8 @@ def load_data(name: str, config_name: str | None = None, streaming: bool = False
     """A hub dataset, a local data folder, or a local data file (its format from the extension)."""
     path = resolve_path(name)
     builder = DATA_BUILDERS.get(Path(path).suffix.lower())
+    if builder is not None and not Path(path).exists():
+        raise FileNotFoundError(f"Data file {name!r} not found; set dataset_name to your data file or a hub dataset.")
     if Path(path).is_file():
         if builder is None:
             raise ValueError(f"Cannot read {path!r}: use a {', '.join(DATA_BUILDERS)} file, or a hub dataset name.")

@@ -53,16 +53,25 @@ class BadSampleError(ValueError):
         self.reason = reason
         self.encoded = encoded
 
+    def __reduce__(self):  # picklable across `dataset.map(num_proc=...)` workers
+        return type(self), (self.reason, str(self), self.encoded)
 
-def _problem(kinds: Sequence[str], responses: Sequence[str], user: str, assistant: str) -> tuple[str, str] | None:
-    """Why a conversation (its turn kinds "user"/"assistant" in order, and response texts) cannot be trained."""
+
+MESSAGE_NAMES = ("user message", "assistant message", "assistant message")
+COMPLETION_NAMES = ("prompt", "completion", "completion")
+
+
+def _problem(kinds: Sequence[str], responses: Sequence[str], names: tuple[str, str, str]) -> tuple[str, str] | None:
+    """Why a conversation (turn kinds "user"/"assistant" in order, response texts) cannot be trained, if it
+    cannot. `names`: how to call the user turn, the assistant turn and a response in the message."""
+    user, assistant, response = names
     if "assistant" not in kinds:
         return "no_assistant", f"no {assistant} found, so there is no response to train on."
     if kinds[0] == "assistant":
         return "wrong_order", f"{assistant} comes before any {user}: a response needs a user turn before it."
     for k, text in enumerate(responses):
         if not text.strip():
-            return "empty_response", f"response {k + 1} (after {assistant}) is empty: nothing to train on."
+            return "empty_response", f"{response} #{k + 1} is empty: nothing to train on."
     return None
 
 
@@ -149,7 +158,7 @@ class SpanFinder:
             ids, mask = list(self._bos), [0] * len(self._bos)
             for kind, s, e in pieces:
                 seg = self._tag_ids[kind] if kind in self._tag_ids else self._ids(text[s:e])
-                if False and (not seg or seg[-1] != self.tokenizer.eos_token_id):
+                if kind == "response" and self.add_eos and (not seg or seg[-1] != self.tokenizer.eos_token_id):
                     seg = [*seg, self.tokenizer.eos_token_id]
                 ids += seg
                 mask += [int(kind == "response")] * len(seg)
@@ -178,7 +187,13 @@ class SpanFinder:
                 mask[end:nxt] = [1] * (nxt - end)
                 responses.append(self.tokenizer.decode(ids[end:nxt], skip_special_tokens=True))
         enc = Encoded(ids, mask)
-        self._raise_if_bad(kinds, responses, enc)
+        try:
+            self._raise_if_bad(kinds, responses, enc)
+        except BadSampleError as err:
+            if err.reason != "no_assistant" or labels is None:
+                raise
+            hint = " (Labels without -100 count as none: for TRL-prepared messages set assistant_only_loss=True.)"
+            raise BadSampleError(err.reason, str(err) + hint, err.encoded) from None
         return enc
 
     def from_messages(self, messages: list[dict[str, Any]], tools: Any = None) -> Encoded:
@@ -193,7 +208,7 @@ class SpanFinder:
         )
         enc = Encoded(list(out["input_ids"]), [int(m) for m in out["assistant_masks"]])
         kinds, responses = self._message_turns(messages)
-        self._raise_if_bad(kinds, responses, enc, "user message", "assistant message")
+        self._raise_if_bad(kinds, responses, enc, MESSAGE_NAMES)
         if not any(enc.response_mask):
             raise ValueError(
                 "The chat template marks no assistant token although the sample has assistant messages: its "
@@ -210,17 +225,17 @@ class SpanFinder:
             ids = render(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
             kinds = self._message_turns(prompt + completion)[0]
             responses = self._message_turns(completion)[1]
-            names = ("user message", "assistant message")
+            names = MESSAGE_NAMES
         else:
             eos = self.tokenizer.eos_token
             if self.add_eos and not completion.endswith(eos):
                 completion = completion + eos
             prompt_ids = self.tokenizer(prompt)["input_ids"]
             ids = self.tokenizer(prompt + completion)["input_ids"]
-            kinds, responses, names = ["user", "assistant"], [self._strip_eos(completion)], ("prompt", "completion")
+            kinds, responses, names = ["user", "assistant"], [self._strip_eos(completion)], COMPLETION_NAMES
         n = common_prefix_length(prompt_ids, ids)
         enc = Encoded(list(ids), [0] * n + [1] * (len(ids) - n))
-        self._raise_if_bad(kinds, responses, enc, *names)
+        self._raise_if_bad(kinds, responses, enc, names)
         return enc
 
     # ---- helpers -------------------------------------------------------------------------------------------
@@ -236,12 +251,12 @@ class SpanFinder:
         """Contiguous pieces (kind, start, end): kind is "user"/"assistant" for a tag, else "prompt"/"response"."""
         pieces, pos, content = [], 0, "prompt"
         for m in self._tag_re.finditer(text):
-            if m.start() > pos:
+            if m.start() > pos or content == "response":  # an empty response is kept, to be reported
                 pieces.append((content, pos, m.start()))
             kind = "user" if m.group() == self.user_tag else "assistant"
             pieces.append((kind, m.start(), m.end()))
             pos, content = m.end(), "response" if kind == "assistant" else "prompt"
-        if content == "response" or pos < len(text):  # a trailing empty response is kept, to be reported
+        if content == "response" or pos < len(text):
             pieces.append((content, pos, len(text)))
         return pieces
 
@@ -297,9 +312,10 @@ class SpanFinder:
         return enc
 
     def _raise_if_bad(
-        self, kinds: Sequence[str], responses: Sequence[str], enc: Encoded, user: str = "", assistant: str = ""
+        self, kinds: Sequence[str], responses: Sequence[str], enc: Encoded, names: tuple[str, str, str] | None = None
     ) -> None:
-        problem = _problem(kinds, responses, user or repr(self.user_tag), assistant or repr(self.assistant_tag))
+        names = names or (repr(self.user_tag), repr(self.assistant_tag), f"response after {self.assistant_tag!r}")
+        problem = _problem(kinds, responses, names)
         if problem is not None:
             raise BadSampleError(problem[0], problem[1], Encoded(enc.input_ids, [0] * len(enc.input_ids)))
 

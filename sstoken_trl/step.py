@@ -13,12 +13,15 @@ from typing import Any
 
 import torch
 
-from sstoken_trl.budget import REAL_LABELS, selection_segments
+from sstoken_trl.budget import REAL_LABELS
+from sstoken_trl.cache import CACHED_LOG_PROBS
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistorySource
 from sstoken_trl.hook import AttnScoreHook
 from sstoken_trl.layout import Layout, batch_layout
-from sstoken_trl.selection import combine, minmax_normalise, rel, top_ratio
+from sstoken_trl.selection import rel
+from sstoken_trl.selectors import Signals, get_selector, micro_batch_seed
+from sstoken_trl.selectors import sstoken_select as sstoken_select  # its former home; selectors.py holds it now
 
 STAT_NAMES = (
     "response_tokens",
@@ -41,21 +44,6 @@ class Selection:
     attn_score: torch.Tensor
     score: torch.Tensor
     keep: torch.Tensor
-
-
-def sstoken_select(
-    config: SSTokenConfig, layout: Layout, rel_values: torch.Tensor, attn: torch.Tensor, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(score, keep, keep by REL alone). Non-finite REL is never kept."""
-    response = layout.response
-    finite = response & rel_values.isfinite()
-    samples, num_samples = layout.sample_ids(), layout.num_samples
-    rel_norm = minmax_normalise(torch.nan_to_num(rel_values), samples, finite, num_samples)
-    score = combine(rel_norm, attn, gamma)
-    segment, num_segments = selection_segments(layout, config.scope)
-    keep = top_ratio(score, segment, finite, num_segments, config.select_ratio)
-    keep_rel = top_ratio(rel_norm, segment, finite, num_segments, config.select_ratio)
-    return score, keep, keep_rel
 
 
 class SelectiveForward:
@@ -93,13 +81,19 @@ class SelectiveForward:
         kwargs["labels"] = real_labels
         layout = batch_layout(real_labels, kwargs.get("attention_mask"), kwargs.get("position_ids"))
         gamma = self.gamma()
-        logp_his = self.history.log_probs(self.forward, kwargs) if self.history and gamma > 0 else None
-        self.hook.arm(layout)
+        selector = get_selector(self.config.selector)
+        needs_history = self.history is not None and selector.needs_history(gamma)
+        logp_his = self.history.log_probs(self.forward, kwargs) if needs_history else None
+        kwargs.pop(CACHED_LOG_PROBS, None)  # cached history rides in the batch; the model must not see it
+        attending = selector.needs_attention(gamma)
+        if attending:
+            self.hook.arm(layout)
         out = self.forward(*args, fused_lm_head=True, **kwargs)
-        attn = self.hook.take()[:, 1:]
         logp_cur = out.log_probs.detach()
+        attn = self.hook.take()[:, 1:] if attending else torch.zeros_like(logp_cur)
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
-        score, keep, keep_rel = sstoken_select(self.config, layout, rel_values, attn, gamma)
+        seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
+        score, keep, keep_rel = selector.select(self.config, Signals(layout, rel_values, attn, gamma, seed))
         self._record(kwargs, layout, rel_values, attn, score, keep, keep_rel)
         return self._masked(out, keep)
 

@@ -189,6 +189,7 @@ def test_labels_with_ignore_index_are_trusted(tok):
         ("<|User|>Hello there.", "no_assistant", "no '<|Assistant|>' found"),
         ("System.<|Assistant|>Hi.<|User|>Hello.", "wrong_order", "before any '<|User|>'"),
         ("<|User|>Hello.<|Assistant|>", "empty_response", "#1 is empty"),
+        ("<|User|>Hi<|Assistant|><|User|>More?<|Assistant|>Yes.", "empty_response", "#1 is empty"),
         ("<|User|>Hi<|Assistant|>Yes.<|User|>And?<|Assistant|>  </s>", "empty_response", "#2 is empty"),
     ],
 )

@@ -1,0 +1,117 @@
+"""`sstoken-train --config recipes/NAME.yaml [--any_field value ...]`: TRL's SFT script with ssToken selection.
+
+The recipe is TRL's flat YAML (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig keys) plus the
+`sstoken_` keys; flags override it. Samples of any supported format (template text, messages,
+prompt/completion, token ids) are turned into `input_ids` + response-only `labels` once, then the stock
+SFTTrainer trains with `SSTokenCallback`. Runs as is or under `accelerate launch -m sstoken_trl.cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl import SFTTrainer, get_peft_config
+
+from sstoken_trl.arguments import Recipe, parse_recipe
+from sstoken_trl.callback import SSTokenCallback
+from sstoken_trl.collator import pretokenize
+from sstoken_trl.loading import load_model, load_splits, load_tokenizer
+
+SELECTION_PAGE = "selection.html"
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Raise on settings that cannot work together, before anything is loaded."""
+    if recipe.sstoken.history == "base" and not recipe.model.use_peft:
+        raise ValueError(
+            "sstoken_history: base reads the base model by switching the LoRA adapters off, so it needs "
+            "use_peft: true. For full fine-tuning use sstoken_history: model with sstoken_history_model: PATH."
+        )
+    if not recipe.model.model_name_or_path:
+        raise ValueError("No model given: set model_name_or_path (a hub id or a local folder).")
+
+
+def response_labels(dataset: Dataset | None, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> Dataset | None:
+    """Samples -> `input_ids` + `labels` on response tokens only (TRL's pipeline then keeps them as they are)."""
+    if dataset is None:
+        return None
+    run = recipe.run
+    return pretokenize(
+        dataset,
+        tokenizer,
+        run.sstoken_user_tag,
+        run.sstoken_assistant_tag,
+        max_length=recipe.training.max_length,
+        on_bad_sample=run.sstoken_on_bad_sample,
+    )
+
+
+def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
+    """Print what the last micro-batch selected and write it as an HTML page into output_dir."""
+    from sstoken_trl.visualize import render_html, summarize
+
+    selection = callback.last_selection
+    if selection is None:
+        return
+    page = Path(recipe.training.output_dir) / SELECTION_PAGE
+    title = f"ssToken selection, last training batch: {recipe.model.model_name_or_path}"
+    page.write_text(render_html(selection, tokenizer, recipe.sstoken, title=title), encoding="utf-8")
+    logged = [entry for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
+    print(summarize(selection, tokenizer, recipe.sstoken))
+    if logged:
+        stats = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in logged[-1].items() if k.startswith("sstoken/"))
+        print(f"  last logged step {logged[-1].get('step', '?')}: {stats}")
+    print(f"Adapter and tokenizer: {recipe.training.output_dir}")
+    print(f"Selection page: {page}")
+
+
+def train(recipe: Recipe) -> SFTTrainer:
+    """Load model, tokenizer and data as the recipe says, train with ssToken, save, report."""
+    check_recipe(recipe)
+    training, model_args = recipe.training, recipe.model
+    train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
+    if recipe.run.sstoken_build_tiny_model:
+        from sstoken_trl.demo import ensure_tiny_model
+
+        steps = recipe.run.sstoken_tiny_base_steps
+        ensure_tiny_model(model_args.model_name_or_path, train_raw, steps, training.seed, training.max_length)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training.trust_remote_code)
+    model = load_model(model_args, training.trust_remote_code, **(training.model_init_kwargs or {}))
+    with training.main_process_first(desc="ssToken response spans"):
+        train_set = response_labels(train_raw, tokenizer, recipe)
+        eval_set = response_labels(eval_raw, tokenizer, recipe)
+    callback = SSTokenCallback(recipe.sstoken)
+    trainer = SFTTrainer(
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.save_model(training.output_dir)
+    if trainer.is_world_process_zero():
+        report(trainer, callback, tokenizer, recipe)
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `sstoken-train`: a bad recipe or flag exits with status 2 and the reason."""
+    try:
+        recipe = parse_recipe(argv)
+        check_recipe(recipe)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sstoken-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    train(recipe)
+
+
+if __name__ == "__main__":
+    main()

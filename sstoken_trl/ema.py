@@ -1,0 +1,107 @@
+"""history="ema": the history model follows the trained weights, theta_his <- alpha * theta_his + (1 - alpha) * theta.
+
+That is the paper's Eq. 4, applied every `update_steps` optimizer steps to the trainable parameters only: with
+PEFT the adapters (memory = adapter size), without PEFT every weight (memory = model size, or host memory with
+`on_cpu`). theta_his starts at the weights training starts from. For a history forward the EMA weights are
+swapped into the model under no_grad with dropout off, then swapped back: a pointer swap when they share the
+parameters' device, a copy in and out when they live on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sstoken_trl.history import Forward
+from sstoken_trl.hook import dropout_off
+
+EMA_FILE = "sstoken_ema.safetensors"
+FORMAT = "sstoken-ema/1"
+
+
+class EMAHistory:
+    """EMA of the trainable weights of `model` (the trainer's model: a PeftModel or a plain model)."""
+
+    def __init__(self, model: nn.Module, alpha: float, update_steps: int, on_cpu: bool = False) -> None:
+        self.model = model
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("history='ema' averages the trained weights, but the model has no trainable parameter.")
+        self.alpha, self.update_steps, self.on_cpu = alpha, update_steps, on_cpu
+        self.shadow = {name: p.detach().to("cpu" if on_cpu else p.device, copy=True) for name, p in self.params.items()}
+        self.updated_at = 0  # optimizer step of the last update
+
+    def numel(self) -> int:
+        """Number of averaged values (the adapter size under PEFT)."""
+        return sum(t.numel() for t in self.shadow.values())
+
+    @torch.no_grad()
+    def update(self, global_step: int) -> None:
+        """Eq. 4 after optimizer step `global_step`, when it is a multiple of `update_steps`."""
+        if global_step % self.update_steps:
+            return
+        for name, p in self.params.items():
+            shadow = self.shadow[name]
+            shadow.lerp_(p.detach().to(shadow.device), 1.0 - self.alpha)
+        self.updated_at = global_step
+
+    def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad(), dropout_off(self.model), self.swapped_in():
+            return forward(**inputs, fused_lm_head=True).log_probs
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model carries theta_his inside the block and its own weights again after it."""
+        if self.on_cpu:
+            held = {}
+            for name, p in self.params.items():
+                held[name] = p.detach().to("cpu", copy=True)
+                p.data.copy_(self.shadow[name])
+            try:
+                yield
+            finally:
+                for name, p in self.params.items():
+                    p.data.copy_(held[name])
+            return
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        for name, p in self.params.items():
+            p.data, self.shadow[name] = self.shadow[name], p.data
+
+    def save(self, folder: Path) -> None:
+        """Write theta_his into a checkpoint folder (safetensors)."""
+        tensors = {name: t.detach().contiguous() for name, t in self.shadow.items()}
+        metadata = {"format": FORMAT, "updated_at": str(self.updated_at), "alpha": repr(self.alpha)}
+        save_file(tensors, str(Path(folder) / EMA_FILE), metadata=metadata)
+
+    def load(self, folder: Path) -> None:
+        """Restore theta_his from a checkpoint folder written by `save`; raises on a missing or mismatched file."""
+        path = Path(folder) / EMA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Resuming with history='ema' from {folder}, which holds no {EMA_FILE}: the checkpoint was not "
+                "saved by an ssToken run with history='ema'. Resume from such a checkpoint, or start a new run."
+            )
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            updated_at = int((f.metadata() or {}).get("updated_at", 0))
+        if set(tensors) != set(self.shadow) or any(tensors[n].shape != t.shape for n, t in self.shadow.items()):
+            raise ValueError(
+                f"{path} holds EMA weights for other parameters than the model's trainable ones "
+                "(different model or PEFT config): it cannot be restored."
+            )
+        for name, shadow in self.shadow.items():
+            shadow.copy_(tensors[name])
+        self.updated_at = updated_at

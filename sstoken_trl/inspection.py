@@ -1,0 +1,124 @@
+"""Score samples with ssToken outside training, for `sstoken-inspect`.
+
+One pass of the core's selective forward (`SelectiveForward`: history log-probs, the forward with the
+AttnScore hook, `sstoken_select`) on a collated batch, without SFTTrainer. With a PEFT adapter the history is
+the base model (adapters disabled), as in training with history "base".
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import ModelConfig, TrlParser
+from trl.trainer.utils import add_fused_lm_head
+
+from sstoken_trl.adapters import get_adapter
+from sstoken_trl.arguments import SSTokenArguments
+from sstoken_trl.budget import REAL_LABELS
+from sstoken_trl.callback import fused_model
+from sstoken_trl.collator import SSTokenCollator
+from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.history import BaseHistory, HistorySource, ModelHistory
+from sstoken_trl.hook import AttnScoreHook
+from sstoken_trl.loading import load_data, load_model, load_tokenizer
+from sstoken_trl.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.step import Selection, SelectiveForward
+
+
+@dataclass
+class InspectArguments:
+    model: str = field(metadata={"help": "Base model: a hub id or a local folder."})
+    data: str = field(metadata={"help": "Samples: a local .jsonl / .json / .csv / .parquet file or a hub dataset."})
+    adapter: str | None = field(
+        default=None, metadata={"help": "PEFT adapter folder (e.g. sstoken-train's output_dir) to load on the model."}
+    )
+    split: str = field(default="train", metadata={"help": "Dataset split to read."})
+    start: int = field(default=0, metadata={"help": "Index of the first sample shown."})
+    num_samples: int = field(default=4, metadata={"help": "Number of samples scored and shown."})
+    output: str = field(default="selection.html", metadata={"help": "Where to write the HTML page."})
+    max_length: int | None = field(default=1024, metadata={"help": "Keep the first max_length tokens of a sample."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "choices": ["bfloat16", "float32"]})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation (sdpa, ...)."})
+    user_tag: str = field(default=USER_TAG, metadata={"help": "User-turn tag of template-text samples."})
+    assistant_tag: str = field(default=ASSISTANT_TAG, metadata={"help": "Assistant-turn tag of template text."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+def load_for_inspection(args: InspectArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (+ adapter) in eval mode with TRL's fused LM head, and its tokenizer (the adapter's, if saved)."""
+    model_args = ModelConfig(
+        model_name_or_path=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation
+    )
+    model = load_model(model_args, args.trust_remote_code).to(PartialState().device)
+    add_fused_lm_head(model)
+    if args.adapter is not None:
+        model = PeftModel.from_pretrained(model, args.adapter)
+    has_tokenizer = args.adapter is not None and (Path(args.adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.adapter if has_tokenizer else args.model, trust_remote_code=args.trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def history_source(model: torch.nn.Module, inner: PreTrainedModel, config: SSTokenConfig) -> HistorySource | None:
+    """The history of `config` for this model; None (REL 0, selection by AttnScore alone) when there is none."""
+    if config.history == "model":
+        if config.history_model is None:
+            raise ValueError("history 'model' needs --sstoken_history_model PATH.")
+        return ModelHistory(config.history_model, like=inner)
+    if config.history == "base" and isinstance(model, PeftModel):
+        return BaseHistory(model)
+    if config.history == "base":
+        print("No adapter given, so no history model: REL is 0 and tokens are ranked by AttnScore alone.")
+        return None
+    raise ValueError(f"sstoken-inspect supports history 'base' and 'model', not {config.history!r}.")
+
+
+def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: SSTokenConfig) -> Selection:
+    """The selection ssToken makes on `batch` (input_ids, attention_mask, labels), under no_grad."""
+    inner = fused_model(model)
+    if "forward" not in vars(inner):
+        raise ValueError("The model needs TRL's fused LM head: call trl.trainer.utils.add_fused_lm_head(model).")
+    layers = inner.get_decoder().layers
+    attn_module = layers[config.layer_index(len(layers))].self_attn
+    hook = AttnScoreHook(attn_module, get_adapter(inner.config.model_type), config.attn_backend)
+    step = SelectiveForward(inner.forward, config, hook, history_source(model, inner, config))
+    step.global_step = config.rel_warmup_steps  # past the warm-up: gamma as configured
+    try:
+        with torch.no_grad():
+            step(**batch, **{REAL_LABELS: batch["labels"]}, fused_lm_head=True, use_cache=False)
+    finally:
+        hook.remove()
+    return step.last
+
+
+def run_inspect(argv: list[str] | None = None) -> Path:
+    """The `sstoken-inspect` command; returns the path of the HTML page."""
+    from sstoken_trl.visualize import render_html, summarize
+
+    parser = TrlParser((InspectArguments, SSTokenArguments), prog="sstoken-inspect", allow_abbrev=False)
+    args, sstoken_args = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
+    config = sstoken_args.to_config()
+    rows = load_data(args.data)[args.split]
+    if not 0 <= args.start < len(rows):
+        raise ValueError(f"--start {args.start} is outside the {len(rows)} rows of split {args.split!r}.")
+    samples = [rows[i] for i in range(args.start, min(args.start + args.num_samples, len(rows)))]
+    model, tokenizer = load_for_inspection(args)
+    collator = SSTokenCollator(tokenizer, args.user_tag, args.assistant_tag, max_length=args.max_length)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collator(samples).items()}
+    selection = score_batch(model, batch, config)
+    title = f"ssToken selection: {args.model}" + (f" + {args.adapter}" if args.adapter else "")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_html(selection, tokenizer, config, title=title), encoding="utf-8")
+    print(summarize(selection, tokenizer, config))
+    print(f"Selection page: {output}")
+    return output
+
+
+__all__ = ["InspectArguments", "load_for_inspection", "run_inspect", "score_batch"]

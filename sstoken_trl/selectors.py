@@ -1,0 +1,126 @@
+"""Token selectors: ssToken and the baselines the paper compares against, by name (docs/selectors.md).
+
+A selector turns one micro-batch's signals into (score, keep, keep_by_rel) on target positions (B, T-1), all
+vectorised over the batch: no Python loop over samples, no host sync. `keep_by_rel` is what the REL term alone
+would keep (it feeds the kept-by-attention statistic); selectors without an attention term return `keep`.
+Each selector also says which signals it needs, so the selective forward skips the history forward or the
+attention score when they are unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sstoken_trl.budget import selection_segments
+from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.layout import Layout
+from sstoken_trl.selection import combine, minmax_normalise, top_ratio
+
+Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Signals:
+    """What a selector may use for one micro-batch; a signal that was not computed is all zeros."""
+
+    layout: Layout
+    rel: torch.Tensor  # REL = log p_cur - log p_his = L_his - L_cur, (B, T-1)
+    attn: torch.Tensor  # AttnScore on target positions, (B, T-1)
+    gamma: float  # weight of REL at this step (0 during the REL warm-up)
+    seed: int  # seed of this micro-batch, for "random"
+
+
+def sstoken_select(
+    config: SSTokenConfig, layout: Layout, rel_values: torch.Tensor, attn: torch.Tensor, gamma: float
+) -> Selection:
+    """ssToken (Eq. 3-11): Score = gamma * minmax(REL) + (1 - gamma) * AttnScore, top rho. Non-finite REL is dropped."""
+    response = layout.response
+    finite = response & rel_values.isfinite()
+    samples, num_samples = layout.sample_ids(), layout.num_samples
+    rel_norm = minmax_normalise(torch.nan_to_num(rel_values), samples, finite, num_samples)
+    score = combine(rel_norm, attn, gamma)
+    segment, num_segments = selection_segments(layout, config.scope)
+    keep = top_ratio(score, segment, finite, num_segments, config.select_ratio)
+    keep_rel = top_ratio(rel_norm, segment, finite, num_segments, config.select_ratio)
+    return score, keep, keep_rel
+
+
+def sstoken(config: SSTokenConfig, s: Signals) -> Selection:
+    return sstoken_select(config, s.layout, s.rel, s.attn, s.gamma)
+
+
+def full(config: SSTokenConfig, s: Signals) -> Selection:
+    """Full-data SFT: every response token is kept."""
+    response = s.layout.response
+    return response.float(), response, response
+
+
+def uniform_random(config: SSTokenConfig, s: Signals) -> Selection:
+    """Random: a uniform draw ranks each sample's response tokens; top ceil(rho * n) kept. Seeded per micro-batch."""
+    response = s.layout.response
+    generator = torch.Generator(device=response.device).manual_seed(s.seed)
+    score = torch.rand(response.shape, generator=generator, device=response.device)
+    segment, num_segments = selection_segments(s.layout, config.scope)
+    keep = top_ratio(score, segment, response, num_segments, config.select_ratio)
+    return torch.where(response, score, 0.0), keep, keep
+
+
+def rho1(config: SSTokenConfig, s: Signals) -> Selection:
+    """RHO-1: excess loss L_cur - L_ref = -(log p_cur - log p_ref) = -REL against the reference (history) model."""
+    excess = -s.rel
+    finite = s.layout.response & excess.isfinite()
+    segment, num_segments = selection_segments(s.layout, config.scope)
+    keep = top_ratio(torch.nan_to_num(excess), segment, finite, num_segments, config.select_ratio)
+    return torch.where(finite, excess, 0.0), keep, keep
+
+
+def _never(gamma: float) -> bool:
+    return False
+
+
+def _always(gamma: float) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Selector:
+    select: Callable[[SSTokenConfig, Signals], Selection]
+    needs_history: Callable[[float], bool]  # given this step's gamma
+    needs_attention: Callable[[float], bool]
+    keeps_all: bool = False
+
+
+SELECTORS: dict[str, Selector] = {
+    "sstoken": Selector(sstoken, needs_history=lambda gamma: gamma > 0, needs_attention=lambda gamma: gamma < 1),
+    "full": Selector(full, needs_history=_never, needs_attention=_never, keeps_all=True),
+    "random": Selector(uniform_random, needs_history=_never, needs_attention=_never),
+    "rho1": Selector(rho1, needs_history=_always, needs_attention=_never),
+}
+
+
+def get_selector(name: str) -> Selector:
+    if name not in SELECTORS:
+        raise ValueError(f"Unknown selector {name!r}; choose one of {', '.join(map(repr, SELECTORS))}.")
+    return SELECTORS[name]
+
+
+def uses_history(config: SSTokenConfig) -> bool:
+    """Whether training will ever need history log-probs (the REL warm-up only lowers gamma to 0)."""
+    return get_selector(config.selector).needs_history(config.gamma)
+
+
+def budget_ratio(config: SSTokenConfig) -> float:
+    """Share of response tokens the trainer's token count must cover: 1 for "full", else rho."""
+    return 1.0 if get_selector(config.selector).keeps_all else config.select_ratio
+
+
+def micro_batch_seed(seed: int, global_step: int, micro_batch: int) -> int:
+    """A seed fixed by (seed, optimizer step, micro-batch in the step, process rank): reproducible, also on resume."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    digest = hashlib.blake2b(f"{seed}/{global_step}/{micro_batch}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
