@@ -275,3 +275,48 @@ def test_padding_free_documents_are_selected_as_separate_samples(tokenizer):
             assert torch.equal(got[0, s : e - 1], expected[i, : e - s - 1])
             if e - 1 < got.size(1):
                 assert not got[0, e - 1]  # the position that would predict the next document's first token
+
+
+def template_rows(n: int) -> list[dict[str, str]]:
+    rows = prompt_completion_rows(n, seed=4)
+    return [
+        {
+            "text": f"<|User|>{a['prompt']}<|Assistant|>{a['completion']}<|User|>{b['prompt']}<|Assistant|>{b['completion']}"
+        }
+        for a, b in zip(rows[::2], rows[1::2], strict=True)
+    ]
+
+
+def test_template_data_with_the_collator_selects_only_inside_assistant_turns(tokenizer):
+    from sstoken_trl import SSTokenCollator
+
+    rows = template_rows(32)
+    rows[3] = {"text": "<|User|>a question with no answer at all"}
+    collator = SSTokenCollator(tokenizer, on_bad_sample="skip")
+    sstoken = SSTokenCallback()
+    probe = Probe(sstoken)
+    args = dict(output_dir="/tmp/sstoken-test-out", max_steps=2, per_device_train_batch_size=4, report_to=[])
+    trainer = SFTTrainer(
+        model=build_model("llama", len(tokenizer)),
+        args=SFTConfig(
+            **args, use_cpu=True, bf16=False, logging_steps=2, dataset_text_field="text", shuffle_dataset=False
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        data_collator=collator,
+        peft_config=LoraConfig(r=8, target_modules="all-linear"),
+        callbacks=[sstoken, probe],
+    )
+    trainer.train()
+    assistant = tokenizer.convert_tokens_to_ids("<|Assistant|>")
+    user = tokenizer.convert_tokens_to_ids("<|User|>")
+    for batch in probe.batches:
+        kept = batch["grad"] != 0
+        for row in range(kept.size(0)):
+            inside, allowed = False, []
+            for token in batch["input_ids"][row, 1:].tolist():  # target t scores token t + 1
+                inside = (inside or token == assistant) and token != user
+                allowed.append(inside and token not in (assistant, 0))
+            assert not (kept[row] & ~torch.tensor(allowed)).any()
+    logs = trainer.state.log_history[0]
+    assert logs["sstoken/skipped_no_assistant"] == 1
