@@ -44,7 +44,9 @@ class Probe(TrainerCallback):
             self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def make_trainer(tokenizer, model_type="llama", rows=None, callbacks=(), trainer_cls=SFTTrainer, lora=None, **args):
+def make_trainer(
+    tokenizer, model_type="llama", rows=None, callbacks=(), trainer_cls=SFTTrainer, lora=None, eval_rows=None, **args
+):
     rows = rows if rows is not None else prompt_completion_rows(16)
     config = dict(
         output_dir="/tmp/sstoken-test-out",
@@ -63,10 +65,11 @@ def make_trainer(tokenizer, model_type="llama", rows=None, callbacks=(), trainer
     )
     config.update(args)
     lora = lora or LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    return SFTTrainer(
+    return trainer_cls(
         model=build_model(model_type, len(tokenizer)),
         args=SFTConfig(**config),
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=list(callbacks),
@@ -210,7 +213,6 @@ def test_users_own_trainer_subclass(tokenizer):
 
     sstoken = SSTokenCallback()
     trainer = make_trainer(tokenizer, callbacks=[sstoken], trainer_cls=MyTrainer)
-    trainer.__class__ = MyTrainer
     trainer.train()
     assert MyTrainer.seen == 4 and sstoken.last_selection is not None
 
@@ -231,8 +233,7 @@ def test_unknown_loss_paths_are_refused(tokenizer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return model(**inputs).loss  # no fused LM head: plain SFT
 
-    trainer = make_trainer(tokenizer, callbacks=[SSTokenCallback()])
-    trainer.__class__ = PlainLoss
+    trainer = make_trainer(tokenizer, callbacks=[SSTokenCallback()], trainer_cls=PlainLoss)
     with pytest.raises(RuntimeError, match="refuses to train plain SFT"):
         trainer.train()
 
@@ -320,3 +321,43 @@ def test_template_data_with_the_collator_selects_only_inside_assistant_turns(tok
             assert not (kept[row] & ~torch.tensor(allowed)).any()
     logs = trainer.state.log_history[0]
     assert logs["sstoken/skipped_no_assistant"] == 1
+
+
+def test_rel_warmup_uses_attention_alone_and_skips_the_history_forward(tokenizer):
+    sstoken = SSTokenCallback(SSTokenConfig(rel_warmup_steps=1))
+    history_calls = []
+
+    class CountHistory(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            history = sstoken.step.history
+            log_probs = history.log_probs
+            history.log_probs = lambda *a: history_calls.append(state.global_step) or log_probs(*a)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            selection = sstoken.last_selection
+            if state.global_step == 1:  # warm-up step: no REL, the score is the attention score
+                assert not selection.rel.any()
+                torch.testing.assert_close(
+                    selection.score[selection.response], selection.attn_score[selection.response]
+                )
+            else:
+                assert selection.rel[selection.response].abs().max() > 0
+
+    trainer = make_trainer(tokenizer, callbacks=[sstoken, CountHistory()])
+    trainer.train()
+    assert history_calls == [1, 1]  # only the second step's two micro-batches ran the history forward
+
+
+def test_evaluation_during_training_measures_every_response_token(tokenizer):
+    rows = prompt_completion_rows(8, seed=7)
+    plain = make_trainer(tokenizer, rows=rows)
+    expected = plain.evaluate(plain.train_dataset)["eval_loss"]
+    sstoken = SSTokenCallback()
+    trainer = make_trainer(
+        tokenizer, rows=rows, eval_rows=rows, callbacks=[sstoken], eval_strategy="steps", eval_steps=1
+    )
+    trainer.train()  # lr 0: the weights stay those of `plain`
+    evals = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
+    assert len(evals) == 2
+    for value in evals:
+        assert abs(value - expected) < 1e-6
