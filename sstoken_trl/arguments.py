@@ -69,6 +69,13 @@ class RunArguments:
             "choices": ["error", "skip"],
         },
     )
+    sstoken_torch_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads torch may use (torch.set_num_threads); None keeps torch's default. Small models "
+            "on a busy CPU run fastest with 1."
+        },
+    )
     sstoken_build_tiny_model: bool = field(
         default=False,
         metadata={
@@ -79,6 +86,12 @@ class RunArguments:
     sstoken_tiny_base_steps: int = field(
         default=120, metadata={"help": "Demo: optimizer steps of the plain-SFT base training of the tiny model."}
     )
+
+    def __post_init__(self) -> None:
+        if self.sstoken_torch_threads is not None and self.sstoken_torch_threads < 1:
+            raise ValueError(f"sstoken_torch_threads={self.sstoken_torch_threads} must be >= 1 (or unset).")
+        if self.sstoken_tiny_base_steps < 1:
+            raise ValueError(f"sstoken_tiny_base_steps={self.sstoken_tiny_base_steps} must be >= 1.")
 
 
 DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SSTokenArguments, RunArguments)
@@ -125,7 +138,7 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         keys = ", ".join(repr(k[2:]) for k in from_config[::2])
         raise ValueError(
             f"{path}: unknown key(s) {keys}: not a field of TRL's ScriptArguments, SFTConfig, ModelConfig or "
-            f"DatasetMixtureConfig, nor an {PREFIX} setting. Check the spelling; `sstoken-train --help` lists every key."
+            f"DatasetMixtureConfig, nor an {PREFIX} setting. Check the spelling; `sstoken-train --help` lists them."
         )
     if from_flags:
         raise ValueError(
@@ -136,17 +149,29 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     return Recipe(script, training, model, data, sstoken_args.to_config(), run)
 
 
-def _default_text(value: Any) -> str:
-    return "`None`" if value is None else f"`{value}`"
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _row(name: str, default: Any, help_text: str, python_name: str | None = None) -> str:
+    default_text = "`None`" if default is None else f"`{_cell(str(default))}`"
+    first = f"| `{name}` | `{python_name}` " if python_name else f"| `{name}` "
+    return f"{first}| {default_text} | {_cell(help_text)} |"
 
 
 def fields_markdown() -> str:
-    """The README table of every sstoken_ key: name, default, help (generated, so it cannot drift)."""
-    lines = ["| key | default | what it does |", "|---|---|---|"]
-    for cls in SSTOKEN_DATACLASSES:
-        for f in fields(cls):
-            help_text = f.metadata.get("help", "").replace("|", "\\|")
-            lines.append(f"| `{f.name}` | {_default_text(f.default)} | {help_text} |")
+    """The README's tables of every sstoken_ key, generated from the dataclasses (so they cannot drift)."""
+    lines = [
+        "Selection settings (`SSTokenConfig`; in a recipe or on the command line with the `sstoken_` prefix):",
+        "",
+        "| recipe key | `SSTokenConfig` field | default | what it does |",
+        "|---|---|---|---|",
+    ]
+    for name, (default, help_text) in SSTokenConfig.field_help().items():
+        lines.append(_row(PREFIX + name, default, help_text, name))
+    lines += ["", "Settings of the `sstoken-train` command:", ""]
+    lines += ["| recipe key | default | what it does |", "|---|---|---|"]
+    lines += [_row(f.name, f.default, f.metadata.get("help", "")) for f in fields(RunArguments)]
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,12 @@ class LossCache:
             for name in ("keys", "offsets", "losses")
         )
 
+    def __getstate__(self) -> dict[str, Any]:  # data-loader workers reopen the files instead of copying them
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"])
+
     def check(self, expected: dict[str, str]) -> None:
         """Raise unless the cache was made with the expected base model and tokenizer fingerprints."""
         for what, fingerprint in expected.items():
@@ -133,9 +139,11 @@ class CacheHistory:
         self.model_fingerprint = model_fingerprint
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
+        """The cached log p_base on the batch's labelled target positions; no forward."""
         if CACHED_LOG_PROBS not in inputs:
             raise RuntimeError("history='cache': the batch carries no cached losses (collate function replaced?).")
-        return inputs[CACHED_LOG_PROBS]
+        trained = inputs["labels"][:, 1:] != IGNORE_INDEX  # zero off the labels, like the fused LM head's output
+        return torch.where(trained, inputs[CACHED_LOG_PROBS], 0.0)
 
     def wrap_collate(self, collate_fn: Callable[[list], dict[str, Any]]) -> CacheLookup:
         return CacheLookup(collate_fn, self.cache)
@@ -152,9 +160,16 @@ def training_batches(trainer: Trainer) -> Iterator[dict[str, Any]]:
     columns = getattr(trainer, "_signature_columns", None)
     if trainer.args.remove_unused_columns and columns and hasattr(dataset, "select_columns"):
         dataset = dataset.select_columns([c for c in dataset.column_names if c in columns])
-    size = trainer.args.per_device_eval_batch_size
-    for start in range(0, len(dataset), size):
-        yield trainer.data_collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+    collate, size = trainer.data_collator, trainer.args.per_device_eval_batch_size
+    counts = getattr(collate, "counts", None)  # a collator's running totals must count training alone
+    saved = dict(counts) if isinstance(counts, dict) else None
+    try:
+        for start in range(0, len(dataset), size):
+            yield collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+    finally:
+        if saved is not None:
+            counts.clear()
+            counts.update(saved)
 
 
 @torch.no_grad()

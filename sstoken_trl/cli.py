@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTTrainer, get_peft_config
@@ -19,13 +20,14 @@ from sstoken_trl.arguments import Recipe, parse_recipe
 from sstoken_trl.callback import SSTokenCallback
 from sstoken_trl.collator import pretokenize
 from sstoken_trl.loading import load_model, load_splits, load_tokenizer
+from sstoken_trl.selectors import uses_history
 
 SELECTION_PAGE = "selection.html"
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Raise on settings that cannot work together, before anything is loaded."""
-    if recipe.sstoken.history == "base" and not recipe.model.use_peft:
+    if uses_history(recipe.sstoken) and recipe.sstoken.history == "base" and not recipe.model.use_peft:
         raise ValueError(
             "sstoken_history: base reads the base model by switching the LoRA adapters off, so it needs "
             "use_peft: true. For full fine-tuning use sstoken_history: model with sstoken_history_model: PATH."
@@ -71,13 +73,29 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
 def train(recipe: Recipe) -> SFTTrainer:
     """Load model, tokenizer and data as the recipe says, train with ssToken, save, report."""
     check_recipe(recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.run.sstoken_torch_threads or threads)
+    try:
+        return _train(recipe)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe) -> SFTTrainer:
     training, model_args = recipe.training, recipe.model
     train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
     if recipe.run.sstoken_build_tiny_model:
         from sstoken_trl.demo import ensure_tiny_model
 
-        steps = recipe.run.sstoken_tiny_base_steps
-        ensure_tiny_model(model_args.model_name_or_path, train_raw, steps, training.seed, training.max_length)
+        with training.main_process_first(desc="tiny demo model"):
+            ensure_tiny_model(
+                model_args.model_name_or_path,
+                train_raw,
+                recipe.run.sstoken_tiny_base_steps,
+                training.seed,
+                training.max_length,
+                verbose=training.process_index == 0,
+            )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training.trust_remote_code)
     model = load_model(model_args, training.trust_remote_code, **(training.model_init_kwargs or {}))
     with training.main_process_first(desc="ssToken response spans"):

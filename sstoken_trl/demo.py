@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 
@@ -113,23 +112,24 @@ def build_tiny_base(path: Path, dataset: Dataset, steps: int, seed: int, max_len
     partial.rename(path)
 
 
-def ensure_tiny_model(path: str, dataset: Dataset, steps: int, seed: int = 0, max_length: int | None = None) -> None:
-    """Build the tiny base model at `path` unless it exists; the main process builds, the others wait."""
+def ensure_tiny_model(
+    path: str, dataset: Dataset, steps: int, seed: int = 0, max_length: int | None = None, verbose: bool = True
+) -> None:
+    """Build the tiny base model at `path` unless it exists (run it on the main process first when distributed)."""
     target = Path(path)
-    state = PartialState()
-    with state.main_process_first():
-        if (target / "config.json").is_file():
-            if state.is_main_process:
-                print(f"Reusing the tiny base model at {target}")
-            return
-        if target.exists() and any(target.iterdir()):
-            raise FileExistsError(
-                f"{target} exists but holds no model (no config.json); remove it or point model_name_or_path "
-                "elsewhere to let sstoken_build_tiny_model build the demo model there."
-            )
+    if (target / "config.json").is_file():
+        if verbose:
+            print(f"Reusing the tiny base model at {target}")
+        return
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(
+            f"{target} exists but holds no model (no config.json); remove it or point model_name_or_path "
+            "elsewhere to let sstoken_build_tiny_model build the demo model there."
+        )
+    if verbose:
         print(f"Building a tiny LLaMA-shaped model and tokenizer at {target} ({steps} steps of plain SFT)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_base(target, dataset, steps, seed, max_length)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_tiny_base(target, dataset, steps, seed, max_length)
 
 
 __all__ = ["DATA_FILE", "demo_rows", "ensure_tiny_model", "write_demo_data"]

@@ -53,6 +53,7 @@ class EMAHistory:
         self.updated_at = global_step
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
+        """log p_his under theta_his, dropout off (LoRA dropout included), no gradients."""
         with torch.no_grad(), dropout_off(self.model), self.swapped_in():
             return forward(**inputs, fused_lm_head=True).log_probs
 

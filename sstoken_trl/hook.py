@@ -21,14 +21,18 @@ from sstoken_trl.layout import Layout
 
 @contextmanager
 def dropout_off(module: nn.Module) -> Iterator[None]:
-    """Put `module` and its children (LoRA dropout included) in eval mode, then restore their modes."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    """Put the dropout layers inside `module` (LoRA dropout included) in eval mode, then restore them.
+
+    Only dropout is switched: other layers keep their mode (4-bit layers, for one, repack weights in eval mode).
+    """
+    dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    for m in dropouts:
+        m.training = False
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m in dropouts:
+            m.training = True
 
 
 class AttnScoreHook:

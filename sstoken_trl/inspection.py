@@ -116,7 +116,7 @@ def run_inspect(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_html(selection, tokenizer, config, title=title), encoding="utf-8")
-    print(summarize(selection, tokenizer, config))
+    print(summarize(selection, tokenizer, config, max_samples=len(samples), heading="ssToken selection"))
     print(f"Selection page: {output}")
     return output
 

@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.layout import IGNORE_INDEX, batch_layout
-from sstoken_trl.step import Selection, sstoken_select
+from sstoken_trl.selectors import sstoken_select
+from sstoken_trl.step import Selection
 
 STATUSES = {
     "kept": "kept",
@@ -40,6 +41,8 @@ def keep_by_rel(selection: Selection, config: SSTokenConfig) -> torch.Tensor:
     recorded = getattr(selection, "keep_rel", None)
     if recorded is not None:
         return recorded
+    if config.selector != "sstoken":  # the baselines have no attention term: REL alone would keep the same
+        return selection.keep
     # Rows are taken as one sample each (a padded batch); only which tokens REL alone keeps is used.
     layout = batch_layout(selection.labels)
     return sstoken_select(config, layout, selection.rel, selection.attn_score, config.gamma)[2]
@@ -148,7 +151,11 @@ def render_html(
 
 
 def summarize(
-    selection: Selection, tokenizer: PreTrainedTokenizerBase, config: SSTokenConfig, max_samples: int = 3
+    selection: Selection,
+    tokenizer: PreTrainedTokenizerBase,
+    config: SSTokenConfig,
+    max_samples: int = 3,
+    heading: str = "ssToken selection of the last micro-batch",
 ) -> str:
     """Plain-text summary: counts, mean scores of kept vs dropped tokens, and a few samples marked up."""
     rows = sample_tokens(selection, tokenizer, config)
@@ -156,7 +163,7 @@ def summarize(
     kept = [t for t in flat if t.status in ("kept", "attention")]
     dropped = [t for t in flat if t.status == "dropped"]
     lines = [
-        f"ssToken selection of the last micro-batch: {len(rows)} samples, {_headline(_counts(flat))}.",
+        f"{heading}: {len(rows)} samples, {_headline(_counts(flat))}.",
         f"  mean over kept | dropped tokens: REL {_mean([t.rel for t in kept]):+.4f} | "
         f"{_mean([t.rel for t in dropped]):+.4f}, AttnScore {_mean([t.attn for t in kept]):.4f} | "
         f"{_mean([t.attn for t in dropped]):.4f}",

@@ -155,3 +155,30 @@ def test_resumed_run_continues_with_the_same_history(tokenizer, tmp_path):
     refused, _ = trainer_for(tokenizer, config, tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="holds no sstoken_ema.safetensors"):
         refused.train(resume_from_checkpoint=str(bare))
+
+
+def test_checkpoint_file_round_trip_and_refusals(tmp_path):
+    model = peft_model()
+    ema = EMAHistory(model, alpha=0.5, update_steps=1)
+    with torch.no_grad():
+        for p in ema.params.values():
+            p.add_(1.0)
+    ema.update(3)
+    ema.save(tmp_path)
+    restored = EMAHistory(peft_model(), alpha=0.5, update_steps=1)
+    restored.load(tmp_path)
+    assert restored.updated_at == 3
+    assert all(torch.equal(restored.shadow[n], t) for n, t in ema.shadow.items())
+    base = build_model("llama", 120, seed=2)
+    other = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))  # another adapter shape
+    with pytest.raises(ValueError, match="other parameters"):
+        EMAHistory(other, alpha=0.5, update_steps=1).load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"ema_alpha": 1.5}, "ema_alpha"), ({"ema_update_steps": 0}, "ema_update_steps")],
+)
+def test_bad_ema_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SSTokenConfig(history="ema", **settings)

@@ -279,13 +279,10 @@ def test_padding_free_documents_are_selected_as_separate_samples(tokenizer):
 
 
 def template_rows(n: int) -> list[dict[str, str]]:
+    """Two-turn samples in the <|User|>/<|Assistant|> template."""
     rows = prompt_completion_rows(n, seed=4)
-    return [
-        {
-            "text": f"<|User|>{a['prompt']}<|Assistant|>{a['completion']}<|User|>{b['prompt']}<|Assistant|>{b['completion']}"
-        }
-        for a, b in zip(rows[::2], rows[1::2], strict=True)
-    ]
+    turn = "<|User|>{prompt}<|Assistant|>{completion}"
+    return [{"text": turn.format(**a) + turn.format(**b)} for a, b in zip(rows[::2], rows[1::2], strict=True)]
 
 
 def test_template_data_with_the_collator_selects_only_inside_assistant_turns(tokenizer):

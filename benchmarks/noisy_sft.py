@@ -1,0 +1,261 @@
+"""Selection quality on a noisy SFT task: which method learns the clean task, and which tokens it drops.
+
+    python -m benchmarks.noisy_sft              # CPU, about 10 minutes on 2 cores
+
+A small LLaMA-shaped model is first trained on clean `copy` / `reverse` instructions (the base). LoRA
+fine-tuning then teaches `shift` on data where a known share of answer letters is corrupted (substituted or
+inserted). Every method trains the same steps on the same data order with the same rho: full SFT, uniform
+random, RHO-1 (reference: the base fine-tuned on a clean subset) and ssToken with gamma 1 / 0.5 / 0. A full-SFT
+run on the uncorrupted data is the ceiling. Reported per method over seeds: held-out exact match (greedy) and
+loss on clean data, and the share of corrupted and of clean response tokens each method dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import PreTrainedModel, PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from benchmarks.noisy_task import (
+    PAD,
+    VOCAB,
+    Sample,
+    build_tokenizer,
+    clean_loss,
+    corrupt,
+    greedy_exact_match,
+    make_samples,
+)
+from sstoken_trl import SSTokenCallback, SSTokenConfig
+from sstoken_trl.tiny import build_model
+
+SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+METHODS: dict[str, dict[str, Any]] = {
+    "full": dict(selector="full"),
+    "random": dict(selector="random"),
+    "rho1": dict(selector="rho1", history="model"),
+    "sstoken_g1": dict(gamma=1.0),
+    "sstoken_g0.5": dict(gamma=0.5),
+    "sstoken_g0": dict(gamma=0.0),
+}
+CEILING = "full_clean"  # full SFT on the uncorrupted data
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--noise", type=float, default=0.3, help="chance that an answer letter is corrupted")
+    p.add_argument("--select-ratio", type=float, default=0.6, help="rho of every selecting method")
+    p.add_argument("--train", type=int, default=2000, help="fine-tuning samples")
+    p.add_argument("--steps", type=int, default=250, help="fine-tuning optimizer steps of every method")
+    p.add_argument("--base-steps", type=int, default=800)
+    p.add_argument("--ref-share", type=float, default=0.1, help="share of the training prompts, clean, for RHO-1's reference")
+    p.add_argument("--ref-steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--eval", type=int, default=300, help="held-out clean samples")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--out", default="benchmarks/results/noisy_sft.json")
+    return p.parse_args(argv)
+
+
+def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int) -> SFTConfig:
+    return SFTConfig(
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=steps // 20, weight_decay=0.0, max_length=None,
+        logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        gradient_checkpointing=False, disable_tqdm=True, seed=seed, data_seed=seed,
+    )  # fmt: skip
+
+
+def train(model: PreTrainedModel, rows: list[Sample], args: SFTConfig, tokenizer: Any, lora: LoraConfig | None,
+          callbacks: list[TrainerCallback]) -> SFTTrainer:  # fmt: skip
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([s.row() for s in rows]),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
+
+
+class DropMeter(TrainerCallback):
+    """Counts, from the callback's selection of every micro-batch, the corrupted and clean tokens it dropped."""
+
+    def __init__(self, sstoken: SSTokenCallback, samples: list[Sample]) -> None:
+        self.sstoken = sstoken
+        self.flags = {tuple(s.input_ids): s.corrupted for s in samples}
+        self.counts = dict.fromkeys(("corrupted", "corrupted_dropped", "clean", "clean_dropped"), 0)
+        self._seen: object = None
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.read()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.read()
+
+    def read(self) -> None:
+        selection = self.sstoken.last_selection
+        if selection is None or selection is self._seen:
+            return
+        self._seen = selection
+        for ids, keep in zip(selection.input_ids.tolist(), selection.keep.tolist(), strict=True):
+            while ids and ids[-1] == PAD:
+                ids.pop()
+            flags = self.flags[tuple(ids)]
+            start = len(ids) - len(flags)  # first response token; target position start - 1 predicts it
+            for corrupted, kept in zip(flags, keep[start - 1 : len(ids) - 1], strict=True):
+                kind = "corrupted" if corrupted else "clean"
+                self.counts[kind] += 1
+                self.counts[f"{kind}_dropped"] += not kept
+
+    def shares(self) -> dict[str, float]:
+        c = self.counts
+        return {
+            "corrupted_dropped_share": c["corrupted_dropped"] / max(c["corrupted"], 1),
+            "clean_dropped_share": c["clean_dropped"] / max(c["clean"], 1),
+            "corrupted_share_seen": c["corrupted"] / max(c["corrupted"] + c["clean"], 1),
+        }
+
+
+def evaluate(model: torch.nn.Module, held_out: list[Sample]) -> dict[str, float]:
+    return {"accuracy": greedy_exact_match(model, held_out), "clean_loss": clean_loss(model, held_out)}
+
+
+def fine_tune(name: str, base: PreTrainedModel, rows: list[Sample], held_out: list[Sample], args: argparse.Namespace,
+              seed: int, tokenizer: Any, reference: PreTrainedModel | None) -> dict[str, Any]:  # fmt: skip
+    """LoRA on a copy of the base with one method; its held-out metrics and what it dropped."""
+    settings = METHODS.get(name, METHODS["full"])
+    config = SSTokenConfig(select_ratio=args.select_ratio, seed=seed, **settings)
+    sstoken = SSTokenCallback(config, history_model=reference if config.history == "model" else None)
+    meter = DropMeter(sstoken, rows)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    t0 = time.perf_counter()
+    sft = sft_args(f"/tmp/sstoken-noisy-{name}", args.steps, args.batch, args.lr, seed)
+    trainer = train(copy.deepcopy(base), rows, sft, tokenizer, lora, [sstoken, meter])
+    seconds = time.perf_counter() - t0
+    return {**evaluate(trainer.model, held_out), **meter.shares(), "train_seconds": seconds}
+
+
+def train_reference(base: PreTrainedModel, rows: list[Sample], args: argparse.Namespace, seed: int,
+                    tokenizer: Any) -> PreTrainedModel:  # fmt: skip
+    """RHO-1's reference: the base fine-tuned (LoRA, merged) on clean samples."""
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    sft = sft_args("/tmp/sstoken-noisy-ref", args.ref_steps, args.batch, args.lr, seed)
+    trainer = train(copy.deepcopy(base), rows, sft, tokenizer, lora, [])
+    return trainer.model.merge_and_unload().eval()
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in ("accuracy", "clean_loss", "corrupted_dropped_share", "clean_dropped_share", "train_seconds"):
+        values = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return out
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | exact match | clean loss | corrupted tokens dropped | clean tokens dropped | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        s = r["summary"]
+        cells = [name] + [
+            f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"
+            for k in ("accuracy", "clean_loss", "corrupted_dropped_share", "clean_dropped_share")
+        ]
+        lines.append("| " + " | ".join(cells) + f" | {s['train_seconds']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    panels = [("accuracy", "held-out exact match"), ("clean_loss", "loss on clean data"),
+              ("corrupted_dropped_share", "share of corrupted tokens dropped")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        means = [results[n]["summary"][key]["mean"] for n in names]
+        ax.bar(range(len(names)), means, color="#9db4d0")
+        for i, n in enumerate(names):
+            ax.scatter([i] * len(results[n]["seeds"]), [r[key] for r in results[n]["seeds"]], color="k", s=10)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    methods = [m for m in args.methods.split(",") if m]
+    if set(methods) - set(METHODS):
+        raise ValueError(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {list(METHODS)}")
+    tokenizer = build_tokenizer()
+    base = build_model("llama", len(VOCAB), seed=0, max_position_embeddings=64, **SHAPE)
+    base_rows = make_samples(("copy", "reverse"), 4000, random.Random(1000))
+    sft = sft_args("/tmp/sstoken-noisy-base", args.base_steps, args.batch, 3e-3, 0)
+    train(base, base_rows, sft, tokenizer, None, [])
+    held = {op: make_samples((op,), args.eval, random.Random(2000 + i)) for i, op in enumerate(("copy", "reverse", "shift"))}
+    report: dict[str, Any] = {"benchmark": "noisy_sft", "settings": vars(args), "model": SHAPE}
+    report["base"] = {op: evaluate(base, samples) for op, samples in held.items()}
+    print(f"base after {args.base_steps} steps: " + ", ".join(f"{op} exact match {m['accuracy']:.3f}" for op, m in report["base"].items()))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*methods, CEILING]}
+    references = []
+    for seed in args.seeds:
+        rng = random.Random(seed)
+        clean = make_samples(("shift",), args.train, rng)
+        noisy = [corrupt(s, args.noise, rng) for s in clean]
+        reference = None
+        if "rho1" in methods:
+            subset = clean[: max(1, int(args.ref_share * len(clean)))]
+            reference = train_reference(base, subset, args, seed, tokenizer)
+            references.append(evaluate(reference, held["shift"]))
+        for name in methods:
+            runs[name].append(fine_tune(name, base, noisy, held["shift"], args, seed, tokenizer, reference))
+            print(f"seed {seed} {name}: {runs[name][-1]}")
+        runs[CEILING].append(fine_tune(CEILING, base, clean, held["shift"], args, seed, tokenizer, None))
+    corrupted = sum(sum(s.corrupted) for s in noisy) / sum(len(s.corrupted) for s in noisy)
+    report["corrupted_share_of_response_tokens"] = corrupted
+    report["rho1_reference"] = references
+    report["methods"] = {name: {"seeds": r, "summary": summary(r)} for name, r in runs.items()}
+    report["wall_seconds"] = time.perf_counter() - start
+    print(f"noisy SFT: shift task, {corrupted:.1%} of response tokens corrupted, rho {args.select_ratio}, "
+          f"{args.steps} steps x {args.batch}, seeds {args.seeds}; mean ± std over seeds")  # fmt: skip
+    print(table(report["methods"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report["methods"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {report['wall_seconds']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

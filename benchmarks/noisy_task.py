@@ -1,0 +1,137 @@
+"""A synthetic instruction task with a word-level vocabulary, known corruptions and exact-match evaluation.
+
+A sample is `<s> <|User|> OP x1 .. xn <|Assistant|> y1 .. ym </s>` over single-letter words. The base model
+learns `copy` and `reverse`; fine-tuning teaches `shift` (each letter becomes the next one, cyclically), with a
+share of response tokens corrupted: a random wrong letter substituted, or a random letter inserted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from sstoken_trl.tiny import ASSISTANT_TAG, USER_TAG
+
+LETTERS = [chr(c) for c in range(ord("a"), ord("a") + 20)]
+OPS = ("copy", "reverse", "shift")
+SPECIAL = ["<pad>", "<s>", "</s>", USER_TAG, ASSISTANT_TAG]
+VOCAB = SPECIAL + list(OPS) + LETTERS
+PAD, BOS, EOS = 0, 1, 2
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over VOCAB (one id per op word and letter)."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=[USER_TAG, ASSISTANT_TAG],
+    )
+
+
+ID = {w: i for i, w in enumerate(VOCAB)}
+LETTER_IDS = [ID[c] for c in LETTERS]
+
+
+def answer(op: str, letters: Sequence[str]) -> list[str]:
+    if op == "copy":
+        return list(letters)
+    if op == "reverse":
+        return list(reversed(letters))
+    return [LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in letters]
+
+
+@dataclass
+class Sample:
+    prompt: list[int]  # <s> <|User|> op letters <|Assistant|>
+    response: list[int]  # answer letters </s>, possibly corrupted
+    corrupted: list[bool]  # per response token
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt + self.response
+
+    def row(self) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids, "labels": [-100] * len(self.prompt) + self.response}
+
+
+def make_samples(ops: Sequence[str], n: int, rng: random.Random, lengths: tuple[int, int] = (3, 8)) -> list[Sample]:
+    """n clean samples, op drawn uniformly from `ops`, 3-8 distinct letters."""
+    out = []
+    for _ in range(n):
+        op = rng.choice(list(ops))
+        letters = rng.sample(LETTERS, rng.randint(*lengths))
+        prompt = [BOS, ID[USER_TAG], ID[op], *(ID[c] for c in letters), ID[ASSISTANT_TAG]]
+        response = [ID[c] for c in answer(op, letters)] + [EOS]
+        out.append(Sample(prompt, response, [False] * len(response)))
+    return out
+
+
+def corrupt(sample: Sample, share: float, rng: random.Random) -> Sample:
+    """Corrupt each answer letter with probability `share`: substitute a wrong letter, or insert one before it."""
+    response, corrupted = [], []
+    for token in sample.response[:-1]:
+        if rng.random() < share:
+            response.append(rng.choice([t for t in LETTER_IDS if t != token]))
+            corrupted.append(True)
+            if rng.random() < 0.5:  # a substitution: the wrong letter takes the right one's place
+                continue
+        response.append(token)
+        corrupted.append(False)
+    return Sample(sample.prompt, response + [EOS], corrupted + [False])
+
+
+@torch.no_grad()
+def greedy_exact_match(model: torch.nn.Module, samples: Sequence[Sample], max_new: int = 12) -> float:
+    """Share of samples whose greedy continuation of the prompt equals the clean response, </s> included."""
+    model.eval()
+    by_length: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_length.setdefault(len(s.prompt), []).append(s)
+    device = next(model.parameters()).device
+    correct = 0
+    for group in by_length.values():
+        ids = torch.tensor([s.prompt for s in group], device=device)
+        done = torch.zeros(len(group), dtype=torch.bool, device=device)
+        for _ in range(max_new):
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            nxt = torch.where(done, PAD, logits.argmax(-1))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == EOS
+            if done.all():
+                break
+        for row, s in zip(ids.tolist(), group, strict=True):
+            out = row[len(s.prompt) :]
+            out = out[: out.index(EOS) + 1] if EOS in out else out
+            correct += out == s.response
+    return correct / len(samples)
+
+
+@torch.no_grad()
+def clean_loss(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 256) -> float:
+    """Mean per-token NLL of the clean responses (</s> included)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        width = max(len(s.input_ids) for s in chunk)
+        ids = torch.full((len(chunk), width), PAD)
+        labels = torch.full((len(chunk), width), -100)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+            labels[i, len(s.prompt) : len(s.input_ids)] = torch.tensor(s.response)
+        ids, labels = ids.to(device), labels.to(device)
+        logits = model(input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="sum")
+        total += nll.item()
+        count += int((labels[:, 1:] != -100).sum())
+    return total / count

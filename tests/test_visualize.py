@@ -1,0 +1,174 @@
+"""The selection page and summary (from a Selection), and sstoken-inspect end to end against a reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from sstoken_trl.collator import SSTokenCollator
+from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.inspection import run_inspect
+from sstoken_trl.layout import batch_layout
+from sstoken_trl.step import Selection, sstoken_select
+from sstoken_trl.tiny import build_model, build_tokenizer
+from sstoken_trl.visualize import keep_by_rel, render_html, summarize
+from tests.conftest import prompt_completion_rows
+from tests.reference import prompt_attention, reference_select, token_log_probs
+
+
+class Page(HTMLParser):
+    """Token spans per sample section: (classes, attributes, text)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.samples: list[list[dict]] = []
+        self.tags: set[str] = set()
+        self._token: dict | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        attrs = dict(attrs)
+        if tag == "section":
+            self.samples.append([])
+        elif tag == "span" and self.samples and "tok" in attrs.get("class", "").split():
+            self._token = {"status": attrs["class"].split()[1], "attrs": attrs, "text": ""}
+            self.samples[-1].append(self._token)
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._token = None
+
+    def handle_data(self, data):
+        if self._token is not None:
+            self._token["text"] += data
+
+
+def selection_for(tokenizer, texts, rel_rows, attn_rows, config):
+    """A Selection built by the core's own selection on the collated texts, with the given REL / AttnScore."""
+    batch = SSTokenCollator(tokenizer)([{"text": t} for t in texts])
+    layout = batch_layout(batch["labels"], batch["attention_mask"])
+    rel, attn = torch.zeros(layout.response.shape), torch.zeros(layout.response.shape)
+    for b, (r, a) in enumerate(zip(rel_rows, attn_rows, strict=True)):
+        where = layout.response[b].nonzero().squeeze(1)
+        assert len(where) == len(r), "test setup: response length"
+        rel[b, where], attn[b, where] = torch.tensor(r), torch.tensor(a)
+    score, keep, keep_rel = sstoken_select(config, layout, rel, attn, config.gamma)
+    selection = Selection(batch["input_ids"], batch["labels"], layout.response, rel, attn, score, keep)
+    return selection, batch, keep_rel
+
+
+TEXTS = ["<|User|>alpha beta<|Assistant|>gamma delta epsilon", "<|User|>alpha<|Assistant|>beta"]
+# Four response tokens (three words + EOS), then two. rho 0.5, gamma 0.5: REL alone keeps tokens 0 and 2; the
+# combined score keeps 0 and 1 (token 1's attention lifts it), so token 1 is "kept thanks to the attention score".
+REL = [[0.9, 0.1, 0.5, 0.0], [0.0, 0.0]]
+ATTN = [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0]]
+CONFIG = SSTokenConfig(select_ratio=0.5, gamma=0.5)
+
+
+@pytest.fixture(scope="module")
+def words():
+    """A tokenizer whose every word of TEXTS is one token."""
+    return build_tokenizer(TEXTS * 20, vocab_size=300)
+
+
+def test_page_marks_kept_attention_and_dropped_tokens(words):
+    selection, batch, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
+    page = Page(render_html(selection, words, CONFIG, title="<demo>"))
+    assert len(page.samples) == 2
+    first, second = ([t for t in s if t["status"] != "prompt"] for s in page.samples)
+    assert [t["status"] for t in first] == ["kept", "attention", "dropped", "dropped"]
+    assert [t["status"] for t in second] == ["kept", "dropped"]  # ties go to the earlier token
+    assert [float(t["attrs"]["data-rel"]) for t in first] == pytest.approx(REL[0])
+    assert [float(t["attrs"]["data-attn"]) for t in first] == pytest.approx(ATTN[0])
+    assert float(first[1]["attrs"]["data-score"]) == pytest.approx(0.5 * 0.1 / 0.9 + 0.5)
+    assert all("REL" in t["attrs"]["title"] for t in first)
+    prompt = [t for t in page.samples[0] if t["status"] == "prompt"]
+    assert prompt and all("title" not in t["attrs"] for t in prompt)
+    # Every real token is shown once, in order, escaped correctly; padding is not shown.
+    for tokens, ids, mask in zip(page.samples, batch["input_ids"], batch["attention_mask"], strict=True):
+        expected = words.decode(ids[mask.bool()], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert "".join(t["text"] for t in tokens) == expected
+    assert "".join(t["text"] for t in page.samples[0]).startswith("<|User|>")
+    assert not {"script", "img", "link", "iframe"} & page.tags  # self-contained
+
+
+def test_summary_counts_and_marks(words):
+    selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
+    text = summarize(selection, words, CONFIG)
+    assert "2 samples, 6 response tokens, 3 kept (50.0%), 1 of them thanks to the attention score" in text
+    delta = words.decode(selection.input_ids[0, selection.response[0].nonzero()[1] + 1])
+    assert "{" + delta + "}" in text
+
+
+def test_keep_by_rel_recomputes_the_core_rel_only_selection(words):
+    selection, _, keep_rel = selection_for(words, TEXTS, REL, ATTN, CONFIG)
+    assert torch.equal(keep_by_rel(selection, CONFIG), keep_rel)
+
+
+@pytest.fixture(scope="module")
+def inspect_setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("inspect")
+    rows = [{"text": f"<|User|>{r['prompt']}<|Assistant|>{r['completion']}"} for r in prompt_completion_rows(6, 5)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = build_model("llama", len(tokenizer), seed=1)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "adapter")
+    return root, rows
+
+
+def reference_keep(root, tokenizer, rows, config):
+    """The paper's math on full logits and eager attention maps, with and without the adapter."""
+    base = AutoModelForCausalLM.from_pretrained(root / "model", attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, root / "adapter")
+    batch = SSTokenCollator(tokenizer, max_length=1024)(rows)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    with torch.no_grad():
+        cur = model.eval()(**inputs, output_attentions=True)
+        with model.disable_adapter():
+            his = model(**inputs)
+    rel = token_log_probs(cur.logits, batch["input_ids"]) - token_log_probs(his.logits, batch["input_ids"])
+    attn = prompt_attention(cur.attentions[-1], batch["labels"], batch["attention_mask"])[:, 1:]
+    response = (batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, 1:].bool()
+    return reference_select(rel, attn, response, config.gamma, config.select_ratio), response
+
+
+def test_inspect_matches_the_reference_selection(inspect_setup, tokenizer, capsys):
+    root, rows = inspect_setup
+    output = root / "page.html"
+    args = ["--model", str(root / "model"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl")]
+    run_inspect([*args, "--num_samples", "4", "--output", str(output), "--sstoken_select_ratio", "0.5"])
+    page = Page(output.read_text())
+    assert len(page.samples) == 4
+    expected, response = reference_keep(root, tokenizer, rows[:4], SSTokenConfig(select_ratio=0.5))
+    for b, tokens in enumerate(page.samples):
+        scored = [t for t in tokens if t["status"] != "prompt"]
+        assert len(scored) == int(response[b].sum())
+        kept = [t["status"] in ("kept", "attention") for t in scored]
+        assert kept == expected[b][response[b]].tolist()
+        assert sum(kept) == math.ceil(0.5 * len(scored))
+        assert any(abs(float(t["attrs"]["data-rel"])) > 1e-4 for t in scored)  # the adapter moved the model
+    assert "Selection page:" in capsys.readouterr().out
+
+
+def test_inspect_command_without_adapter_ranks_by_attention(inspect_setup, tmp_path):
+    root, _ = inspect_setup
+    command = shutil.which("sstoken-inspect")
+    assert command, "the sstoken-inspect entry point is not installed: pip install -e ."
+    output = tmp_path / "page.html"
+    args = ["--model", str(root / "model"), "--data", str(root / "data.jsonl"), "--num_samples", "2"]
+    done = subprocess.run([command, *args, "--output", str(output)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "REL is 0" in done.stdout
+    scored = [t for s in Page(output.read_text()).samples for t in s if t["status"] != "prompt"]
+    assert scored and all(float(t["attrs"]["data-rel"]) == 0.0 for t in scored)
