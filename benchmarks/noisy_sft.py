@@ -13,7 +13,6 @@ loss on clean data, and the share of corrupted and of clean response tokens each
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import statistics
@@ -140,7 +139,14 @@ def evaluate(model: torch.nn.Module, held_out: list[Sample]) -> dict[str, float]
     return {"accuracy": greedy_exact_match(model, held_out), "clean_loss": clean_loss(model, held_out)}
 
 
-def fine_tune(name: str, base: PreTrainedModel, rows: list[Sample], held_out: list[Sample], args: argparse.Namespace,
+def fresh(state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A new model holding the base weights (a deep copy would share TRL's fused-head closure with the base)."""
+    model = build_model("llama", len(VOCAB), max_position_embeddings=64, **SHAPE)
+    model.load_state_dict(state)
+    return model
+
+
+def fine_tune(name: str, base: dict[str, torch.Tensor], rows: list[Sample], held_out: list[Sample], args: argparse.Namespace,
               seed: int, tokenizer: Any, reference: PreTrainedModel | None) -> dict[str, Any]:  # fmt: skip
     """LoRA on a copy of the base with one method; its held-out metrics and what it dropped."""
     settings = METHODS.get(name, METHODS["full"])
@@ -150,17 +156,17 @@ def fine_tune(name: str, base: PreTrainedModel, rows: list[Sample], held_out: li
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
     t0 = time.perf_counter()
     sft = sft_args(f"/tmp/sstoken-noisy-{name}", args.steps, args.batch, args.lr, seed)
-    trainer = train(copy.deepcopy(base), rows, sft, tokenizer, lora, [sstoken, meter])
+    trainer = train(fresh(base), rows, sft, tokenizer, lora, [sstoken, meter])
     seconds = time.perf_counter() - t0
     return {**evaluate(trainer.model, held_out), **meter.shares(), "train_seconds": seconds}
 
 
-def train_reference(base: PreTrainedModel, rows: list[Sample], args: argparse.Namespace, seed: int,
+def train_reference(base: dict[str, torch.Tensor], rows: list[Sample], args: argparse.Namespace, seed: int,
                     tokenizer: Any) -> PreTrainedModel:  # fmt: skip
     """RHO-1's reference: the base fine-tuned (LoRA, merged) on clean samples."""
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
     sft = sft_args("/tmp/sstoken-noisy-ref", args.ref_steps, args.batch, args.lr, seed)
-    trainer = train(copy.deepcopy(base), rows, sft, tokenizer, lora, [])
+    trainer = train(fresh(base), rows, sft, tokenizer, lora, [])
     return trainer.model.merge_and_unload().eval()
 
 
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_rows = make_samples(("copy", "reverse"), 4000, random.Random(1000))
     sft = sft_args("/tmp/sstoken-noisy-base", args.base_steps, args.batch, 3e-3, 0)
     train(base, base_rows, sft, tokenizer, None, [])
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     held = {op: make_samples((op,), args.eval, random.Random(2000 + i)) for i, op in enumerate(("copy", "reverse", "shift"))}
     report: dict[str, Any] = {"benchmark": "noisy_sft", "settings": vars(args), "model": SHAPE}
     report["base"] = {op: evaluate(base, samples) for op, samples in held.items()}
@@ -235,12 +242,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = None
         if "rho1" in methods:
             subset = clean[: max(1, int(args.ref_share * len(clean)))]
-            reference = train_reference(base, subset, args, seed, tokenizer)
+            reference = train_reference(state, subset, args, seed, tokenizer)
             references.append(evaluate(reference, held["shift"]))
         for name in methods:
-            runs[name].append(fine_tune(name, base, noisy, held["shift"], args, seed, tokenizer, reference))
+            runs[name].append(fine_tune(name, state, noisy, held["shift"], args, seed, tokenizer, reference))
             print(f"seed {seed} {name}: {runs[name][-1]}")
-        runs[CEILING].append(fine_tune(CEILING, base, clean, held["shift"], args, seed, tokenizer, None))
+        runs[CEILING].append(fine_tune(CEILING, state, clean, held["shift"], args, seed, tokenizer, None))
     corrupted = sum(sum(s.corrupted) for s in noisy) / sum(len(s.corrupted) for s in noisy)
     report["corrupted_share_of_response_tokens"] = corrupted
     report["rho1_reference"] = references

@@ -75,7 +75,10 @@ def load_data(name: str, config_name: str | None = None, streaming: bool = False
 
 def _split(data: DatasetDict, split: str, where: str) -> Dataset:
     if split not in data:
-        raise ValueError(f"{where} has no split {split!r}; it has {sorted(data)}. Set dataset_train_split.")
+        raise ValueError(
+            f"{where} has no split {split!r}; it has {sorted(data)}. Set dataset_train_split / dataset_test_split "
+            "(or test_split_size for a `datasets:` mixture)."
+        )
     dataset = data[split]
     if isinstance(dataset, IterableDataset):
         raise ValueError("Streaming datasets are not supported by sstoken-train: set dataset_streaming: false.")

@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.ema import EMAHistory
 from sstoken_trl.tiny import build_model
-from tests.conftest import prompt_completion_rows
+from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
 
@@ -30,20 +30,18 @@ class WeightsAfterEachStep(TrainerCallback):
 
 
 def train(tokenizer, model, sstoken, *extra, **overrides) -> SFTTrainer:
-    args = dict(
-        output_dir="/tmp/sstoken-test-full",
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
+    args = cpu_sft_args(
+        **(
+            {
+                "output_dir": "/tmp/sstoken-test-full",
+                "max_steps": 3,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 2e-2,
+                "logging_steps": 1,
+            }
+            | overrides
+        )
     )
-    args.update(overrides)
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**args),

@@ -17,7 +17,7 @@ from sstoken_trl.cache import CACHED_LOG_PROBS, MANIFEST, RESUME_FILE
 from sstoken_trl.collator import SSTokenCollator
 from sstoken_trl.history import BaseHistory
 from sstoken_trl.tiny import build_model, build_tokenizer
-from tests.conftest import prompt_completion_rows
+from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
 
@@ -44,20 +44,18 @@ class Recorder(TrainerCallback):
 
 
 def train(tokenizer, config, rows=None, model_seed=0, lora=True, probes=(), resume=None, **overrides):
-    args = dict(
-        output_dir="/tmp/sstoken-test-cache",
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
+    args = cpu_sft_args(
+        **(
+            {
+                "output_dir": "/tmp/sstoken-test-cache",
+                "max_steps": 3,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 2e-2,
+                "logging_steps": 1,
+            }
+            | overrides
+        )
     )
-    args.update(overrides)
     sstoken = SSTokenCallback(config)
     recorder = Recorder(sstoken)
     trainer = SFTTrainer(

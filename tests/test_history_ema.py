@@ -16,7 +16,7 @@ from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.ema import EMA_FILE, EMAHistory
 from sstoken_trl.history import BaseHistory
 from sstoken_trl.tiny import build_model
-from tests.conftest import prompt_completion_rows
+from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
 
@@ -88,20 +88,18 @@ def test_memory_is_the_adapter_size_under_peft():
 
 
 def trainer_for(tokenizer, config: SSTokenConfig, output_dir, **overrides) -> tuple[SFTTrainer, SSTokenCallback]:
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
+    args = cpu_sft_args(
+        **(
+            {
+                "output_dir": str(output_dir),
+                "max_steps": 4,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 5e-2,
+                "logging_steps": 1,
+            }
+            | overrides
+        )
     )
-    args.update(overrides)
     sstoken = SSTokenCallback(config)
     trainer = SFTTrainer(
         model=build_model("llama", len(tokenizer)),

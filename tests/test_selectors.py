@@ -16,7 +16,7 @@ from sstoken_trl.budget import REAL_LABELS, SelectionBudget
 from sstoken_trl.layout import batch_layout
 from sstoken_trl.selectors import SELECTORS, Signals, budget_ratio, get_selector, micro_batch_seed
 from sstoken_trl.tiny import build_model
-from tests.conftest import prompt_completion_rows
+from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
 
@@ -124,20 +124,18 @@ def test_micro_batch_seeds_differ_by_step_and_micro_batch():
 
 
 def train(tokenizer, config: SSTokenConfig | None, lora: bool = True, **overrides):
-    args = dict(
-        output_dir="/tmp/sstoken-test-selectors",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=0.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
+    args = cpu_sft_args(
+        **(
+            {
+                "output_dir": "/tmp/sstoken-test-selectors",
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 0.0,
+                "logging_steps": 1,
+            }
+            | overrides
+        )
     )
-    args.update(overrides)
     sstoken = SSTokenCallback(config, history_model=args.pop("history_model", None)) if config else None
     trainer = SFTTrainer(
         model=build_model("llama", len(tokenizer)),

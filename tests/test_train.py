@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.tiny import build_model
-from tests.conftest import prompt_completion_rows
+from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import prompt_attention, reference_select, token_log_probs
 
 
@@ -48,22 +48,18 @@ def make_trainer(
     tokenizer, model_type="llama", rows=None, callbacks=(), trainer_cls=SFTTrainer, lora=None, eval_rows=None, **args
 ):
     rows = rows if rows is not None else prompt_completion_rows(16)
-    config = dict(
-        output_dir="/tmp/sstoken-test-out",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=0.0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        bf16=False,  # TRL turns bf16 autocast on by default, CPU included
+    config = cpu_sft_args(
+        **(
+            {
+                "gradient_accumulation_steps": 2,
+                "weight_decay": 0.0,
+                "max_grad_norm": 0.0,
+                "data_seed": 0,
+                "disable_tqdm": False,
+            }
+            | args
+        )
     )
-    config.update(args)
     lora = lora or LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     return trainer_cls(
         model=build_model(model_type, len(tokenizer)),
