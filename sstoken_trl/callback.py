@@ -16,14 +16,13 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from sstoken_trl.adapters import get_adapter
 from sstoken_trl.budget import SelectionBudget
 from sstoken_trl.cache import CacheHistory, open_cache
 from sstoken_trl.checkpoint import checkpoint_folder, resume_checkpoint
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.ema import EMAHistory
 from sstoken_trl.history import BaseHistory, Forward, HistorySource, ModelHistory
-from sstoken_trl.hook import AttnScoreHook
+from sstoken_trl.hook import hook_scoring_layer
 from sstoken_trl.selectors import budget_ratio, uses_history
 from sstoken_trl.step import STAT_NAMES, Selection, SelectiveForward
 
@@ -106,10 +105,7 @@ class SSTokenCallback(TrainerCallback):
         check_loss_path(trainer)
         check_fused_head(trainer)
         inner = fused_model(trainer.model)
-        adapter = get_adapter(inner.config.model_type)
-        layers = inner.get_decoder().layers
-        attn_module = layers[self.config.layer_index(len(layers))].self_attn
-        hook = AttnScoreHook(attn_module, adapter, self.config.attn_backend)
+        hook = hook_scoring_layer(inner, self.config)
         fused_forward = inner.forward
         history = self._history(trainer, inner, fused_forward, state.global_step)
         self.step = SelectiveForward(fused_forward, self.config, hook, history)

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sstoken_trl.adapters import AttnAdapter
+from sstoken_trl.adapters import AttnAdapter, get_adapter
 from sstoken_trl.attn_score import BACKENDS
+from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.layout import Layout
 
 
@@ -69,3 +70,10 @@ class AttnScoreHook:
         with torch.no_grad(), dropout_off(module):
             q, k = self.adapter.query_key(module, hidden_states, position_embeddings)
             self._score = self.score_fn(q, k, layout, module.scaling, self.adapter.sliding_window(module))
+
+
+def hook_scoring_layer(model: nn.Module, config: SSTokenConfig) -> AttnScoreHook:
+    """Hook the attention module of decoder layer `config.attn_layer` of a causal LM (the one under PEFT)."""
+    adapter = get_adapter(model.config.model_type)
+    layers = model.get_decoder().layers
+    return AttnScoreHook(layers[config.layer_index(len(layers))].self_attn, adapter, config.attn_backend)

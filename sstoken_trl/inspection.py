@@ -18,14 +18,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, TrlParser
 from trl.trainer.utils import add_fused_lm_head
 
-from sstoken_trl.adapters import get_adapter
 from sstoken_trl.arguments import SSTokenArguments
 from sstoken_trl.budget import REAL_LABELS
 from sstoken_trl.callback import fused_model
 from sstoken_trl.collator import SSTokenCollator
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import BaseHistory, HistorySource, ModelHistory
-from sstoken_trl.hook import AttnScoreHook
+from sstoken_trl.hook import hook_scoring_layer
 from sstoken_trl.loading import load_data, load_model, load_tokenizer
 from sstoken_trl.spans import ASSISTANT_TAG, USER_TAG
 from sstoken_trl.step import Selection, SelectiveForward
@@ -83,9 +82,7 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: 
     inner = fused_model(model)
     if "forward" not in vars(inner):
         raise ValueError("The model needs TRL's fused LM head: call trl.trainer.utils.add_fused_lm_head(model).")
-    layers = inner.get_decoder().layers
-    attn_module = layers[config.layer_index(len(layers))].self_attn
-    hook = AttnScoreHook(attn_module, get_adapter(inner.config.model_type), config.attn_backend)
+    hook = hook_scoring_layer(inner, config)
     step = SelectiveForward(inner.forward, config, hook, history_source(model, inner, config))
     step.global_step = config.rel_warmup_steps  # past the warm-up: gamma as configured
     try:

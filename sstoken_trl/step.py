@@ -44,6 +44,7 @@ class Selection:
     attn_score: torch.Tensor
     score: torch.Tensor
     keep: torch.Tensor
+    keep_rel: torch.Tensor  # what REL alone would keep: keep & ~keep_rel were kept thanks to the attention score
 
 
 class SelectiveForward:
@@ -142,6 +143,7 @@ class SelectiveForward:
             attn_score=attn,
             score=score,
             keep=keep,
+            keep_rel=keep_rel,
         )
 
     def take_stats(self) -> tuple[int, torch.Tensor | None]:

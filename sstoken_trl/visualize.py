@@ -11,12 +11,10 @@ import html
 import math
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.layout import IGNORE_INDEX, batch_layout
-from sstoken_trl.selectors import sstoken_select
+from sstoken_trl.layout import IGNORE_INDEX
 from sstoken_trl.step import Selection
 
 STATUSES = {
@@ -36,18 +34,6 @@ class Token:
     score: float = math.nan
 
 
-def keep_by_rel(selection: Selection, config: SSTokenConfig) -> torch.Tensor:
-    """(B, T-1) tokens REL alone would keep: the selection's own record if it has one, else recomputed."""
-    recorded = getattr(selection, "keep_rel", None)
-    if recorded is not None:
-        return recorded
-    if config.selector != "sstoken":  # the baselines have no attention term: REL alone would keep the same
-        return selection.keep
-    # Rows are taken as one sample each (a padded batch); only which tokens REL alone keeps is used.
-    layout = batch_layout(selection.labels)
-    return sstoken_select(config, layout, selection.rel, selection.attn_score, config.gamma)[2]
-
-
 def _real_span(ids: list[int], labels: list[int], pad_id: int | None) -> range:
     """Positions of a row without its leading / trailing padding."""
 
@@ -64,7 +50,7 @@ def _real_span(ids: list[int], labels: list[int], pad_id: int | None) -> range:
 
 def sample_tokens(selection: Selection, tokenizer: PreTrainedTokenizerBase, config: SSTokenConfig) -> list[list[Token]]:
     """Per row of the batch, its tokens with their status and scores (token j is scored at position j - 1)."""
-    by_rel = keep_by_rel(selection, config).cpu()
+    by_rel = selection.keep_rel.cpu()
     response, keep = selection.response.cpu(), selection.keep.cpu()
     rel, attn, score = (t.detach().float().cpu() for t in (selection.rel, selection.attn_score, selection.score))
     rows = []
@@ -183,4 +169,4 @@ def main(argv: list[str] | None = None) -> None:
     run_inspect(argv)
 
 
-__all__ = ["STATUSES", "Token", "keep_by_rel", "main", "render_html", "sample_tokens", "summarize"]
+__all__ = ["STATUSES", "Token", "main", "render_html", "sample_tokens", "summarize"]

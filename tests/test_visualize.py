@@ -19,7 +19,7 @@ from sstoken_trl.inspection import run_inspect
 from sstoken_trl.layout import batch_layout
 from sstoken_trl.step import Selection, sstoken_select
 from sstoken_trl.tiny import build_model, build_tokenizer
-from sstoken_trl.visualize import keep_by_rel, render_html, summarize
+from sstoken_trl.visualize import render_html, summarize
 from tests.conftest import prompt_completion_rows
 from tests.reference import prompt_attention, reference_select, token_log_probs
 
@@ -62,7 +62,7 @@ def selection_for(tokenizer, texts, rel_rows, attn_rows, config):
         assert len(where) == len(r), "test setup: response length"
         rel[b, where], attn[b, where] = torch.tensor(r), torch.tensor(a)
     score, keep, keep_rel = sstoken_select(config, layout, rel, attn, config.gamma)
-    selection = Selection(batch["input_ids"], batch["labels"], layout.response, rel, attn, score, keep)
+    selection = Selection(batch["input_ids"], batch["labels"], layout.response, rel, attn, score, keep, keep_rel)
     return selection, batch, keep_rel
 
 
@@ -107,11 +107,6 @@ def test_summary_counts_and_marks(words):
     assert "2 samples, 6 response tokens, 3 kept (50.0%), 1 of them thanks to the attention score" in text
     delta = words.decode(selection.input_ids[0, selection.response[0].nonzero()[1] + 1])
     assert "{" + delta + "}" in text
-
-
-def test_keep_by_rel_recomputes_the_core_rel_only_selection(words):
-    selection, _, keep_rel = selection_for(words, TEXTS, REL, ATTN, CONFIG)
-    assert torch.equal(keep_by_rel(selection, CONFIG), keep_rel)
 
 
 @pytest.fixture(scope="module")
