@@ -9,6 +9,7 @@ that window is recorded. Data loading and logging run outside the window, still 
 from __future__ import annotations
 
 import ctypes
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,10 @@ def _proc_status(key: str) -> int:
 
 
 class MemoryProbe:
-    """Peak memory of a window: CUDA allocated bytes on a GPU; on CPU the process RSS high-water mark."""
+    """Peak memory of a window: CUDA allocated bytes on a GPU, else the process RSS high-water mark (Linux).
+
+    On CPU the high-water mark is reset at the window's start through /proc/self/clear_refs.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -74,7 +78,6 @@ class Baton:
     """Round-robin turns between named runners; a finished runner leaves the rotation."""
 
     def __init__(self, names: list[str]) -> None:
-        self.order = list(names)
         self.active = list(names)
         self.current = names[0]
         self.cond = threading.Condition()
@@ -120,21 +123,26 @@ class TurnCallback(TrainerCallback):
         self.records.append(StepRecord(seconds, self.probe.peak(), self.probe.start_bytes, self.step_extras()))
 
 
-def run_alternating(trainers: dict[str, Trainer], turns: dict[str, TurnCallback]) -> dict[str, BaseException]:
+def run_alternating(trainers: dict[str, Trainer], turns: dict[str, TurnCallback]) -> dict[str, str]:
     """Train every trainer, one step each in turn, in the order given; returns the errors of runs that failed."""
     baton = Baton(list(trainers))
     for turn in turns.values():
         turn.baton = baton
-    errors: dict[str, BaseException] = {}
+    errors: dict[str, str] = {}
 
     def run(name: str) -> None:
         baton.wait(name)
         turns[name].on_turn(True)
         try:
             trainers[name].train()
-        except BaseException as err:  # an out-of-memory run leaves the rotation; the others go on
-            errors[name] = err
+        except Exception as err:  # e.g. out of memory: the run leaves the rotation, the others go on
+            errors[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
         finally:
+            if name in errors:  # free what the failed step held, now that its traceback is gone
+                trainers[name].model.zero_grad(set_to_none=True)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             turns[name].on_turn(False)
             baton.pass_on(name, leave=True)
 

@@ -1,13 +1,13 @@
 """Selection quality on a noisy SFT task: which method learns the clean task, and which tokens it drops.
 
-    python -m benchmarks.noisy_sft              # CPU, about 10 minutes on 2 cores
+    python -m benchmarks.noisy_sft              # CPU, 3 seeds: about 6 minutes on 2 cores
 
 A small LLaMA-shaped model is first trained on clean `copy` / `reverse` instructions (the base). LoRA
 fine-tuning then teaches `shift` on data where a known share of answer letters is corrupted (substituted or
 inserted). Every method trains the same steps on the same data order with the same rho: full SFT, uniform
-random, RHO-1 (reference: the base fine-tuned on a clean subset) and ssToken with gamma 1 / 0.5 / 0. A full-SFT
-run on the uncorrupted data is the ceiling. Reported per method over seeds: held-out exact match (greedy) and
-loss on clean data, and the share of corrupted and of clean response tokens each method dropped.
+random, RHO-1 (reference: the base fine-tuned on a clean subset) and ssToken with gamma 1 / 0.5 / 0; full SFT
+on the uncorrupted data is the ceiling. Reported per method, over seeds: held-out exact match (greedy) and
+loss on clean data, and the share of corrupted, clean and </s> response tokens each method dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,20 +27,29 @@ from peft import LoraConfig
 from transformers import PreTrainedModel, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from benchmarks.noisy_report import plot, summary, table
 from benchmarks.noisy_task import (
+    EOS,
     PAD,
     VOCAB,
     Sample,
     build_tokenizer,
-    clean_loss,
     corrupt,
     greedy_exact_match,
     make_samples,
+    teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.tiny import build_model
 
-SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
     "random": dict(selector="random"),
@@ -59,12 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--select-ratio", type=float, default=0.6, help="rho of every selecting method")
     p.add_argument("--train", type=int, default=2000, help="fine-tuning samples")
     p.add_argument("--steps", type=int, default=250, help="fine-tuning optimizer steps of every method")
-    p.add_argument("--base-steps", type=int, default=800)
-    p.add_argument("--ref-share", type=float, default=0.1, help="share of the training prompts, clean, for RHO-1's reference")
-    p.add_argument("--ref-steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (cosine schedule)")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--base-steps", type=int, default=800, help="full training steps of the base on copy / reverse")
+    p.add_argument("--ref-share", type=float, default=0.1, help="share of the training prompts (clean) for RHO-1")
+    p.add_argument("--ref-steps", type=int, default=150, help="steps of RHO-1's reference fine-tuning")
     p.add_argument("--eval", type=int, default=300, help="held-out clean samples")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadier on a shared machine)")
@@ -74,35 +83,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int) -> SFTConfig:
     return SFTConfig(
-        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=steps // 20, weight_decay=0.0, max_length=None,
-        logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        gradient_checkpointing=False, disable_tqdm=True, seed=seed, data_seed=seed,
-    )  # fmt: skip
-
-
-def train(model: PreTrainedModel, rows: list[Sample], args: SFTConfig, tokenizer: Any, lora: LoraConfig | None,
-          callbacks: list[TrainerCallback]) -> SFTTrainer:  # fmt: skip
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list([s.row() for s in rows]),
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=callbacks,
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=steps // 20,
+        weight_decay=0.0,
+        max_length=None,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
     )
+
+
+def train(model: PreTrainedModel, rows: list[Sample], args: SFTConfig, tokenizer: Any, **kwargs: Any) -> SFTTrainer:
+    dataset = Dataset.from_list([s.row() for s in rows])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **kwargs)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return trainer
 
 
 class DropMeter(TrainerCallback):
-    """Counts, from the callback's selection of every micro-batch, the corrupted and clean tokens it dropped."""
+    """Counts, from the callback's selection of every micro-batch, the corrupted / clean / </s> tokens dropped."""
+
+    KINDS = ("corrupted", "clean", "eos")
 
     def __init__(self, sstoken: SSTokenCallback, samples: list[Sample]) -> None:
         self.sstoken = sstoken
         self.flags = {tuple(s.input_ids): s.corrupted for s in samples}
-        self.counts = dict.fromkeys(("corrupted", "corrupted_dropped", "clean", "clean_dropped"), 0)
+        self.counts = {f"{kind}{part}": 0 for kind in self.KINDS for part in ("", "_dropped")}
         self._seen: object = None
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -120,99 +137,94 @@ class DropMeter(TrainerCallback):
             while ids and ids[-1] == PAD:
                 ids.pop()
             flags = self.flags[tuple(ids)]
-            start = len(ids) - len(flags)  # first response token; target position start - 1 predicts it
-            for corrupted, kept in zip(flags, keep[start - 1 : len(ids) - 1], strict=True):
-                kind = "corrupted" if corrupted else "clean"
-                self.counts[kind] += 1
-                self.counts[f"{kind}_dropped"] += not kept
+            start = len(ids) - len(flags)  # the first response token; target position start - 1 predicts it
+            for token, corrupted, kept in zip(ids[start:], flags, keep[start - 1 : len(ids) - 1], strict=True):
+                for kind in ["corrupted" if corrupted else "clean"] + (["eos"] if token == EOS else []):
+                    self.counts[kind] += 1
+                    self.counts[f"{kind}_dropped"] += not kept
 
     def shares(self) -> dict[str, float]:
         c = self.counts
-        return {
-            "corrupted_dropped_share": c["corrupted_dropped"] / max(c["corrupted"], 1),
-            "clean_dropped_share": c["clean_dropped"] / max(c["clean"], 1),
-            "corrupted_share_seen": c["corrupted"] / max(c["corrupted"] + c["clean"], 1),
-        }
+        out = {f"{kind}_dropped_share": c[f"{kind}_dropped"] / max(c[kind], 1) for kind in self.KINDS}
+        out["corrupted_share_seen"] = c["corrupted"] / max(c["corrupted"] + c["clean"], 1)
+        return out
 
 
 def evaluate(model: torch.nn.Module, held_out: list[Sample]) -> dict[str, float]:
-    return {"accuracy": greedy_exact_match(model, held_out), "clean_loss": clean_loss(model, held_out)}
+    return {"accuracy": greedy_exact_match(model, held_out), **teacher_forced(model, held_out)}
 
 
 def fresh(state: dict[str, torch.Tensor]) -> PreTrainedModel:
     """A new model holding the base weights (a deep copy would share TRL's fused-head closure with the base)."""
-    model = build_model("llama", len(VOCAB), max_position_embeddings=64, **SHAPE)
+    model = build_model("llama", len(VOCAB), **SHAPE)
     model.load_state_dict(state)
     return model
 
 
-def fine_tune(name: str, base: dict[str, torch.Tensor], rows: list[Sample], held_out: list[Sample], args: argparse.Namespace,
-              seed: int, tokenizer: Any, reference: PreTrainedModel | None) -> dict[str, Any]:  # fmt: skip
-    """LoRA on a copy of the base with one method; its held-out metrics and what it dropped."""
-    settings = METHODS.get(name, METHODS["full"])
-    config = SSTokenConfig(select_ratio=args.select_ratio, seed=seed, **settings)
+def lora(args: argparse.Namespace) -> LoraConfig:
+    return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def fine_tune(
+    name: str,
+    base: dict[str, torch.Tensor],
+    rows: list[Sample],
+    held_out: list[Sample],
+    args: argparse.Namespace,
+    seed: int,
+    tmp: str,
+    reference: PreTrainedModel | None,
+) -> dict[str, Any]:
+    """LoRA on the base with one method: held-out metrics and what it dropped."""
+    config = SSTokenConfig(select_ratio=args.select_ratio, seed=seed, **METHODS.get(name, METHODS["full"]))
     sstoken = SSTokenCallback(config, history_model=reference if config.history == "model" else None)
     meter = DropMeter(sstoken, rows)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
     t0 = time.perf_counter()
-    sft = sft_args(f"/tmp/sstoken-noisy-{name}", args.steps, args.batch, args.lr, seed)
-    trainer = train(fresh(base), rows, sft, tokenizer, lora, [sstoken, meter])
+    sft = sft_args(f"{tmp}/{name}", args.steps, args.batch, args.lr, seed)
+    trainer = train(fresh(base), rows, sft, build_tokenizer(), peft_config=lora(args), callbacks=[sstoken, meter])
     seconds = time.perf_counter() - t0
     return {**evaluate(trainer.model, held_out), **meter.shares(), "train_seconds": seconds}
 
 
-def train_reference(base: dict[str, torch.Tensor], rows: list[Sample], args: argparse.Namespace, seed: int,
-                    tokenizer: Any) -> PreTrainedModel:  # fmt: skip
-    """RHO-1's reference: the base fine-tuned (LoRA, merged) on clean samples."""
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
-    sft = sft_args("/tmp/sstoken-noisy-ref", args.ref_steps, args.batch, args.lr, seed)
-    trainer = train(fresh(base), rows, sft, tokenizer, lora, [])
+def train_reference(
+    base: dict[str, torch.Tensor], rows: list[Sample], args: argparse.Namespace, seed: int, tmp: str
+) -> PreTrainedModel:
+    """RHO-1's reference: the base fine-tuned (plain SFT, LoRA merged) on clean samples."""
+    sft = sft_args(f"{tmp}/reference", args.ref_steps, args.batch, args.lr, seed)
+    trainer = train(fresh(base), rows, sft, build_tokenizer(), peft_config=lora(args))
     return trainer.model.merge_and_unload().eval()
 
 
-def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for key in ("accuracy", "clean_loss", "corrupted_dropped_share", "clean_dropped_share", "train_seconds"):
-        values = [r[key] for r in runs]
-        out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return out
-
-
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| method | exact match | clean loss | corrupted tokens dropped | clean tokens dropped | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        s = r["summary"]
-        cells = [name] + [
-            f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"
-            for k in ("accuracy", "clean_loss", "corrupted_dropped_share", "clean_dropped_share")
-        ]
-        lines.append("| " + " | ".join(cells) + f" | {s['train_seconds']['mean']:.0f} |")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    panels = [("accuracy", "held-out exact match"), ("clean_loss", "loss on clean data"),
-              ("corrupted_dropped_share", "share of corrupted tokens dropped")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        means = [results[n]["summary"][key]["mean"] for n in names]
-        ax.bar(range(len(names)), means, color="#9db4d0")
-        for i, n in enumerate(names):
-            ax.scatter([i] * len(results[n]["seeds"]), [r[key] for r in results[n]["seeds"]], color="k", s=10)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    methods = [m for m in args.methods.split(",") if m]
+    if set(methods) - set(METHODS):
+        raise ValueError(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {list(METHODS)}")
+    base = build_model("llama", len(VOCAB), seed=0, **SHAPE)
+    base_rows = make_samples(("copy", "reverse"), 4000, random.Random(1000))
+    train(base, base_rows, sft_args(f"{tmp}/base", args.base_steps, args.batch, 3e-3, 0), build_tokenizer())
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    held = {op: make_samples((op,), args.eval, random.Random(2000 + i)) for i, op in enumerate(("copy", "reverse"))}
+    held["shift"] = make_samples(("shift",), args.eval, random.Random(2002))
+    report: dict[str, Any] = {"base": {op: evaluate(base, samples) for op, samples in held.items()}}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*methods, CEILING]}
+    report["rho1_reference"], corrupted = [], []
+    for seed in args.seeds:
+        rng = random.Random(seed)
+        clean = make_samples(("shift",), args.train, rng)
+        noisy = [corrupt(s, args.noise, rng) for s in clean]
+        corrupted.append(sum(sum(s.corrupted) for s in noisy) / sum(len(s.corrupted) for s in noisy))
+        reference = None
+        if "rho1" in methods:
+            subset = clean[: max(1, int(args.ref_share * len(clean)))]
+            reference = train_reference(state, subset, args, seed, tmp)
+            report["rho1_reference"].append(evaluate(reference, held["shift"]))
+        for name in methods:
+            runs[name].append(fine_tune(name, state, noisy, held["shift"], args, seed, tmp, reference))
+            print(f"seed {seed} {name}: exact match {runs[name][-1]['accuracy']:.3f}", flush=True)
+        runs[CEILING].append(fine_tune(CEILING, state, clean, held["shift"], args, seed, tmp, None))
+    report["corrupted_share_of_response_tokens"] = sum(corrupted) / len(corrupted)
+    report["methods"] = {name: {"seeds": r, "summary": summary(r)} for name, r in runs.items()}
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -220,47 +232,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    methods = [m for m in args.methods.split(",") if m]
-    if set(methods) - set(METHODS):
-        raise ValueError(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {list(METHODS)}")
-    tokenizer = build_tokenizer()
-    base = build_model("llama", len(VOCAB), seed=0, max_position_embeddings=64, **SHAPE)
-    base_rows = make_samples(("copy", "reverse"), 4000, random.Random(1000))
-    sft = sft_args("/tmp/sstoken-noisy-base", args.base_steps, args.batch, 3e-3, 0)
-    train(base, base_rows, sft, tokenizer, None, [])
-    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    held = {op: make_samples((op,), args.eval, random.Random(2000 + i)) for i, op in enumerate(("copy", "reverse", "shift"))}
-    report: dict[str, Any] = {"benchmark": "noisy_sft", "settings": vars(args), "model": SHAPE}
-    report["base"] = {op: evaluate(base, samples) for op, samples in held.items()}
-    print(f"base after {args.base_steps} steps: " + ", ".join(f"{op} exact match {m['accuracy']:.3f}" for op, m in report["base"].items()))
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*methods, CEILING]}
-    references = []
-    for seed in args.seeds:
-        rng = random.Random(seed)
-        clean = make_samples(("shift",), args.train, rng)
-        noisy = [corrupt(s, args.noise, rng) for s in clean]
-        reference = None
-        if "rho1" in methods:
-            subset = clean[: max(1, int(args.ref_share * len(clean)))]
-            reference = train_reference(state, subset, args, seed, tokenizer)
-            references.append(evaluate(reference, held["shift"]))
-        for name in methods:
-            runs[name].append(fine_tune(name, state, noisy, held["shift"], args, seed, tokenizer, reference))
-            print(f"seed {seed} {name}: {runs[name][-1]}")
-        runs[CEILING].append(fine_tune(CEILING, state, clean, held["shift"], args, seed, tokenizer, None))
-    corrupted = sum(sum(s.corrupted) for s in noisy) / sum(len(s.corrupted) for s in noisy)
-    report["corrupted_share_of_response_tokens"] = corrupted
-    report["rho1_reference"] = references
-    report["methods"] = {name: {"seeds": r, "summary": summary(r)} for name, r in runs.items()}
+    with tempfile.TemporaryDirectory(prefix="sstoken-noisy-") as tmp:
+        report = {"benchmark": "noisy_sft", "settings": vars(args), "model": SHAPE, **run(args, tmp)}
     report["wall_seconds"] = time.perf_counter() - start
-    print(f"noisy SFT: shift task, {corrupted:.1%} of response tokens corrupted, rho {args.select_ratio}, "
-          f"{args.steps} steps x {args.batch}, seeds {args.seeds}; mean ± std over seeds")  # fmt: skip
-    print(table(report["methods"]))
+    base = report["base"]
+    print(
+        f"base: exact match copy {base['copy']['accuracy']:.3f}, reverse {base['reverse']['accuracy']:.3f}, "
+        f"shift {base['shift']['accuracy']:.3f}; RHO-1 reference on shift: "
+        + ", ".join(f"{r['accuracy']:.3f}" for r in report["rho1_reference"])
+    )
+    print(
+        f"noisy SFT on shift: {report['corrupted_share_of_response_tokens']:.1%} of response tokens corrupted, "
+        f"rho {args.select_ratio}, {args.steps} steps x {args.batch}, seeds {args.seeds}; mean ± std over seeds"
+    )
+    print(table(report["methods"], base["shift"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    plot(report["methods"], out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {report['wall_seconds']:.0f} s")
+    png = out.with_suffix(".png")
+    drew = plot(report["methods"], png)
+    print(f"wrote {out}" + (f" and {png}" if drew else " (no plot: pip install matplotlib)"))
+    print(f"{report['wall_seconds']:.0f} s")
     return report
 
 

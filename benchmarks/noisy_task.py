@@ -116,11 +116,11 @@ def greedy_exact_match(model: torch.nn.Module, samples: Sequence[Sample], max_ne
 
 
 @torch.no_grad()
-def clean_loss(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 256) -> float:
-    """Mean per-token NLL of the clean responses (</s> included)."""
+def teacher_forced(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 256) -> dict[str, float]:
+    """On the clean responses: mean NLL (all tokens, answer letters, </s>) and the letters' argmax accuracy."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums = dict.fromkeys(("nll", "nll_letters", "nll_eos", "letters_right", "tokens", "letters", "eos"), 0.0)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         width = max(len(s.input_ids) for s in chunk)
@@ -129,9 +129,20 @@ def clean_loss(model: torch.nn.Module, samples: Sequence[Sample], batch_size: in
         for i, s in enumerate(chunk):
             ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
             labels[i, len(s.prompt) : len(s.input_ids)] = torch.tensor(s.response)
-        ids, labels = ids.to(device), labels.to(device)
+        ids, labels = ids.to(device), labels.to(device)[:, 1:]
         logits = model(input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="sum")
-        total += nll.item()
-        count += int((labels[:, 1:] != -100).sum())
-    return total / count
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        eos, letters = labels == EOS, (labels != -100) & (labels != EOS)
+        sums["nll"] += nll.sum().item()
+        sums["nll_letters"] += nll[letters].sum().item()
+        sums["nll_eos"] += nll[eos].sum().item()
+        sums["letters_right"] += (logits.argmax(-1) == labels)[letters].sum().item()
+        sums["tokens"] += (labels != -100).sum().item()
+        sums["letters"] += letters.sum().item()
+        sums["eos"] += eos.sum().item()
+    return {
+        "clean_loss": sums["nll"] / sums["tokens"],
+        "clean_loss_letters": sums["nll_letters"] / sums["letters"],
+        "clean_loss_eos": sums["nll_eos"] / sums["eos"],
+        "letter_accuracy": sums["letters_right"] / sums["letters"],
+    }

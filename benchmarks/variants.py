@@ -10,21 +10,26 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from datasets import Dataset
 from peft import PeftModel
 from torch import nn
-from transformers import TrainerCallback
-from trl import SFTTrainer
+from transformers import PreTrainedModel, PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.cache import CACHED_LOG_PROBS, LossCache
 from sstoken_trl.layout import Layout, batch_layout
 from sstoken_trl.selectors import sstoken_select
+
+VARIANTS = ("sft", "online", "cached", "output_attentions")
 
 
 class Stopwatch:
@@ -83,7 +88,8 @@ class Instruments(TrainerCallback):
 
 def prompt_mass(attn_map: torch.Tensor, layout: Layout) -> torch.Tensor:
     """(B, T) head-averaged attention mass on prompt keys, read off a (B, H, T, T) attention map."""
-    return (attn_map.float() * layout.prompt[:, None, None, :]).sum(-1).mean(dim=1) * layout.real
+    mass = torch.matmul(attn_map, layout.prompt.to(attn_map.dtype)[:, None, :, None])  # (B, H, T, 1)
+    return mass[..., 0].float().mean(dim=1) * layout.real
 
 
 class CachedHistoryCollator:
@@ -102,12 +108,23 @@ class CachedHistoryCollator:
 
 
 class OutputAttentionsTrainer(SFTTrainer):
-    """ssToken the published way: eager attention with maps in every layer, the last layer's map scored."""
+    """ssToken the published way: eager attention with maps in every layer, the last layer's map scored.
+
+    The maps of all layers stay referenced until the backward is done, as `outputs.attentions` does in a
+    training loop; the fused LM head does not return them, so forward hooks collect them.
+    """
 
     def __init__(self, *args: Any, sstoken: SSTokenConfig, score: Stopwatch, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sstoken, self.score = sstoken, score
+        self.sstoken = sstoken
         self.timed_mass = score.wrap(prompt_mass)
+        self.attentions: list[torch.Tensor] | None = None
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self.attentions = None
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -115,17 +132,92 @@ class OutputAttentionsTrainer(SFTTrainer):
         logp_his = inputs.pop(CACHED_LOG_PROBS)
         layout = batch_layout(inputs["labels"], inputs.get("attention_mask"))
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        captured: dict[str, torch.Tensor] = {}
-        handle = base.get_decoder().layers[-1].self_attn.register_forward_hook(
-            lambda module, args, out: captured.__setitem__("map", out[1])
-        )
+        maps: list[torch.Tensor] = []
+
+        def keep_map(module: nn.Module, args: tuple, out: tuple) -> None:
+            maps.append(out[1])  # (B, H, T, T), returned because output_attentions=True
+
+        handles = [layer.self_attn.register_forward_hook(keep_map) for layer in base.get_decoder().layers]
         try:
             out = model(**inputs, use_cache=False, output_attentions=True, fused_lm_head=True)
         finally:
-            handle.remove()
+            for handle in handles:  # before the backward: a checkpointed layer's recompute adds no map
+                handle.remove()
+        self.attentions = maps
         with torch.no_grad():
-            attn = self.timed_mass(captured.pop("map"), layout)[:, 1:]
+            attn = self.timed_mass(maps[-1], layout)[:, 1:]
             rel = out.log_probs.detach() - logp_his
             _, keep, _ = sstoken_select(self.sstoken, layout, rel, attn, self.sstoken.gamma)
         loss = -(out.log_probs * keep).sum() / keep.sum().clamp(min=1)
         return (loss, out) if return_outputs else loss
+
+
+class Seat:
+    """A variant's view of the shared model: the forward slot TRL's fused head lives in, the attention kernel."""
+
+    def __init__(self, inner: PreTrainedModel, pristine: Any, attn_implementation: str) -> None:
+        self.inner, self.pristine, self.forward = inner, pristine, pristine
+        self.attn_implementation = attn_implementation
+
+    def __call__(self, taking: bool) -> None:
+        if taking:
+            vars(self.inner)["forward"] = self.forward
+            self.inner.set_attn_implementation(self.attn_implementation)
+        else:
+            self.forward = vars(self.inner)["forward"]
+            vars(self.inner)["forward"] = self.pristine
+
+
+def make_trainers(
+    args: argparse.Namespace, model: PeftModel, tokenizer: Any, dataset: Dataset, device: torch.device, tmp: str
+) -> tuple[dict[str, SFTTrainer], dict[str, Instruments]]:
+    """One trainer per variant in `args.variants`, all on `model` with one shared AdamW."""
+    names = args.variants.split(",")
+    if set(names) - set(VARIANTS):
+        raise ValueError(f"unknown variants {sorted(set(names) - set(VARIANTS))}; choose from {VARIANTS}")
+    attn = names.index("output_attentions") if "output_attentions" in names else None
+    if attn is not None and ("cached" not in names or names.index("cached") > attn):
+        raise ValueError("'output_attentions' needs 'cached' before it: that variant builds the history cache.")
+    cuda = device.type == "cuda"
+    config = SFTConfig(
+        output_dir=os.path.join(tmp, "out"),
+        max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        max_length=None,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)  # shared: one set of Adam states for all
+    sstoken = dict(select_ratio=args.select_ratio, gamma=args.gamma)
+    cache_dir = os.path.join(tmp, "cache")
+    trainers, instruments = {}, {}
+    for name in names:
+        common = dict(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        common["optimizers"] = (optimizer, None)
+        if name == "sft":
+            inst = Instruments(device)
+            trainer = SFTTrainer(**common, callbacks=[inst])
+        elif name in ("online", "cached"):
+            history = dict(history="cache", history_cache_dir=cache_dir) if name == "cached" else {}
+            callback = SSTokenCallback(SSTokenConfig(**sstoken, **history))
+            inst = Instruments(device, callback)
+            trainer = SFTTrainer(**common, callbacks=[callback, inst])
+        else:
+            inst = Instruments(device)
+            collator = CachedHistoryCollator(tokenizer.pad_token_id, cache_dir)
+            trainer = OutputAttentionsTrainer(
+                **common, data_collator=collator, callbacks=[inst], sstoken=SSTokenConfig(**sstoken), score=inst.score
+            )
+        trainer.remove_callback(PrinterCallback)
+        trainers[name], instruments[name] = trainer, inst
+    return trainers, instruments
