@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 
+import pytest
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -120,3 +122,11 @@ def test_long_run_holds_no_tensors_across_steps_and_leaves_the_model_as_it_was(t
         b = twin(**inputs, fused_lm_head=True)
     assert torch.equal(a.log_probs, b.log_probs) and torch.equal(a.label_mask, b.label_mask)
     assert not any(m._forward_pre_hooks for m in inner.modules())
+
+
+def test_unavailable_attention_backend_fails_at_load_not_silently(tmp_path):
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: the backend is available")
+    build_model("llama", 50).save_pretrained(tmp_path)
+    with pytest.raises(ImportError, match="FlashAttention2"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
