@@ -21,7 +21,6 @@ from sstoken_trl.hook import AttnScoreHook
 from sstoken_trl.layout import Layout, batch_layout
 from sstoken_trl.selection import rel
 from sstoken_trl.selectors import Signals, get_selector, micro_batch_seed
-from sstoken_trl.selectors import sstoken_select as sstoken_select  # its former home; selectors.py holds it now
 
 STAT_NAMES = (
     "response_tokens",

@@ -12,7 +12,7 @@ from sstoken_trl.budget import SelectionBudget, selection_segments
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.layout import batch_layout
 from sstoken_trl.selection import kept_count, minmax_normalise, top_ratio
-from sstoken_trl.step import sstoken_select
+from sstoken_trl.selectors import sstoken_select
 from tests.reference import reference_select
 
 

@@ -17,7 +17,8 @@ from sstoken_trl.collator import SSTokenCollator
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.inspection import run_inspect
 from sstoken_trl.layout import batch_layout
-from sstoken_trl.step import Selection, sstoken_select
+from sstoken_trl.selectors import sstoken_select
+from sstoken_trl.step import Selection
 from sstoken_trl.tiny import build_model, build_tokenizer
 from sstoken_trl.visualize import render_html, summarize
 from tests.conftest import prompt_completion_rows
