@@ -61,7 +61,12 @@ def check_loss_path(trainer: Trainer) -> None:
 
 
 def check_fused_head(trainer: Trainer) -> None:
-    """Raise unless TRL's fused LM head (installed after Trainer.__init__) is on the model."""
+    """Raise unless TRL's fused LM head (installed after Trainer.__init__) and its metrics store are there."""
+    if not isinstance(getattr(trainer, "_metrics", None), dict):
+        raise RuntimeError(
+            "This TRL SFTTrainer keeps no `_metrics` store, where ssToken puts its statistics for the loggers: "
+            "this version of sstoken-trl supports trl 1.16."
+        )
     if "forward" not in vars(fused_model(trainer.model)):
         raise RuntimeError(
             "TRL's fused LM head is not installed on the model: the installed TRL computes the SFT loss in a "
