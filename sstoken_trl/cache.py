@@ -53,6 +53,13 @@ def _layout(batch: dict[str, Any]) -> Layout:
     return batch_layout(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
 
 
+def batch_samples(batch: dict[str, Any]) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """The batch's samples as (row, start, end) spans, and the cache key of each."""
+    input_ids = batch["input_ids"].cpu().numpy()
+    spans = sample_spans(_layout(batch))
+    return spans, np.array([sample_key(input_ids[r, s:e]) for r, s, e in spans], dtype=np.uint64)
+
+
 class LossCache:
     """A finished cache folder, memory-mapped."""
 
@@ -89,11 +96,10 @@ class LossCache:
 
     def log_probs(self, batch: dict[str, Any]) -> torch.Tensor:
         """log p_base on the batch's target positions (B, T-1), 0 off samples; raises on an unknown sample."""
-        input_ids = batch["input_ids"].cpu().numpy()
-        spans = sample_spans(_layout(batch))
-        keys = np.array([sample_key(input_ids[r, s:e]) for r, s, e in spans], dtype=np.uint64)
+        spans, keys = batch_samples(batch)
         index = self.find(keys)
-        out = np.zeros((input_ids.shape[0], input_ids.shape[1] - 1), dtype=np.float32)
+        rows, length = batch["input_ids"].shape
+        out = np.zeros((rows, length - 1), dtype=np.float32)
         for (row, start, end), i in zip(spans, index, strict=True):
             if i < 0 or self.offsets[i + 1] - self.offsets[i] != end - start - 1:
                 raise ValueError(
@@ -190,9 +196,9 @@ def build(folder: Path, trainer: Trainer, forward: Forward, fingerprints: dict[s
     entries: dict[int, np.ndarray] = {}
     for batch in training_batches(trainer):
         logp = base_log_probs(trainer, forward, batch).numpy()
-        input_ids = batch["input_ids"].cpu().numpy()
-        for row, start, end in sample_spans(_layout(batch)):
-            entries.setdefault(sample_key(input_ids[row, start:end]), -logp[row, start : end - 1])
+        spans, keys = batch_samples(batch)
+        for (row, start, end), key in zip(spans, keys.tolist(), strict=True):
+            entries.setdefault(key, -logp[row, start : end - 1])
     LossCache.write(folder, entries, fingerprints)
 
 
@@ -211,17 +217,20 @@ def open_cache(folder: str, trainer: Trainer, forward: Forward, resume: Path | N
     else:
         model_fingerprint = weights_fingerprint(trainer.model)
     expected = {"model": model_fingerprint, "tokenizer": tokenizer_fingerprint(trainer.processing_class)}
+    built = False
     with trainer.accelerator.main_process_first():
         if not (folder / MANIFEST).is_file():
             if resume is not None and not isinstance(trainer.model, PeftModel):
                 raise FileNotFoundError(f"No loss cache in {folder} to resume with; it is built at step 0.")
             build(folder, trainer, forward, expected)
+            built = True
     cache = LossCache(folder)
     cache.check(expected)
+    if built:  # just built from this very training set: every sample is in it
+        return CacheHistory(cache, model_fingerprint)
     missing = total = 0
     for batch in training_batches(trainer):
-        input_ids = batch["input_ids"].cpu().numpy()
-        keys = np.array([sample_key(input_ids[r, s:e]) for r, s, e in sample_spans(_layout(batch))], np.uint64)
+        keys = batch_samples(batch)[1]
         missing += int((cache.find(keys) < 0).sum())
         total += len(keys)
     if missing:
