@@ -40,7 +40,7 @@ from benchmarks.noisy_task import (
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.tiny import build_model
+from sstoken_trl.tools.tiny import build_model
 
 SHAPE = dict(
     hidden_size=64,

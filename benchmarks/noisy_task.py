@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from sstoken_trl.tiny import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.tools.tiny import ASSISTANT_TAG, USER_TAG
 
 LETTERS = [chr(c) for c in range(ord("a"), ord("a") + 20)]
 OPS = ("copy", "reverse", "shift")

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from benchmarks.alternate import TurnCallback, return_freed_memory_to_os, run_alternating
 from benchmarks.step_report import machine, summarise, table, targets
 from benchmarks.variants import VARIANTS, Seat, make_trainers
-from sstoken_trl.tiny import build_tokenizer
+from sstoken_trl.tools.tiny import build_tokenizer
 
 LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False)
 SHAPES: dict[str, dict[str, Any]] = {

@@ -25,9 +25,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.cache import CACHED_LOG_PROBS, LossCache
-from sstoken_trl.layout import Layout, batch_layout
-from sstoken_trl.selectors import sstoken_select
+from sstoken_trl.history.cache import CACHED_LOG_PROBS, LossCache
+from sstoken_trl.scoring.layout import Layout, batch_layout
+from sstoken_trl.selection.selectors import sstoken_select
 
 VARIANTS = ("sft", "online", "cached", "output_attentions")
 
@@ -76,7 +76,7 @@ class Instruments(TrainerCallback):
         loader = kwargs["train_dataloader"]
         loader = getattr(loader, "base_dataloader", loader)
         loader.collate_fn = self.collate.wrap(loader.collate_fn)
-        step = self.sstoken.step if self.sstoken else None
+        step = self.sstoken.selective_forward if self.sstoken else None
         if step is not None:
             step.hook.score_fn = self.score.wrap(step.hook.score_fn)
             if step.history is not None:

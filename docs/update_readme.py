@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sstoken_trl.arguments import fields_markdown
+from sstoken_trl.tools.arguments import fields_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- sstoken-config:start -->", "<!-- sstoken-config:end -->"

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from sstoken_trl.history import HISTORY_SOURCES
+from sstoken_trl.scoring.attn_score import BACKENDS
+from sstoken_trl.selection.selectors import SELECTORS
+
 SCOPES = ("sample", "batch")
-ATTN_BACKENDS = ("sdpa", "eager")
-HISTORIES = ("base", "model", "ema", "cache")
-SELECTORS = ("sstoken", "full", "random", "rho1")
 
 
-def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _one_of(name: str, value: Any, allowed: Iterable[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
 
@@ -109,8 +111,8 @@ class SSTokenConfig:
         if self.history == "cache" and not self.history_cache_dir:
             raise ValueError("history='cache' needs history_cache_dir=<folder> for the stored per-token losses.")
         _one_of("scope", self.scope, SCOPES)
-        _one_of("attn_backend", self.attn_backend, ATTN_BACKENDS)
-        _one_of("history", self.history, HISTORIES)
+        _one_of("attn_backend", self.attn_backend, BACKENDS)
+        _one_of("history", self.history, HISTORY_SOURCES)
         _one_of("selector", self.selector, SELECTORS)
 
     def layer_index(self, num_layers: int) -> int:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sstoken_trl.tiny import build_tokenizer
+from sstoken_trl.tools.tiny import build_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 

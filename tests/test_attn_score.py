@@ -7,9 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sstoken_trl.adapters import get_adapter
-from sstoken_trl.hook import AttnScoreHook
-from sstoken_trl.layout import batch_layout
-from sstoken_trl.tiny import build_model
+from sstoken_trl.scoring.hook import AttnScoreHook
+from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.tools.tiny import build_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 LAYOUTS = ["right", "left", "packed"]

@@ -12,11 +12,11 @@ import yaml
 from peft import LoraConfig
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_peft_config
 
-from sstoken_trl.arguments import DATACLASSES, PREFIX, RunArguments, SSTokenArguments, parse_recipe
-from sstoken_trl.cli import check_recipe, main
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.loading import load_model, load_splits
-from sstoken_trl.tiny import build_model
+from sstoken_trl.tools.arguments import DATACLASSES, PREFIX, RunArguments, SSTokenArguments, parse_recipe
+from sstoken_trl.tools.cli import check_recipe, main
+from sstoken_trl.tools.loading import load_model, load_splits
+from sstoken_trl.tools.tiny import build_model
 
 BASE = {"model_name_or_path": "m", "output_dir": "o", "use_cpu": True, "use_peft": True}
 BASE["activation_checkpointing"] = False  # TRL's default is on, under a name transformers deprecated
@@ -166,3 +166,14 @@ def test_packaged_data_path_resolves_from_any_directory(tmp_path, monkeypatch):
 def test_no_data_is_a_clear_error():
     with pytest.raises(ValueError, match="No training data"):
         load_splits(ScriptArguments(), DatasetMixtureConfig(), with_eval=False)
+
+
+def test_main_checks_the_recipe_once_then_trains(tmp_path, monkeypatch):
+    import sstoken_trl.tools.cli as cli
+
+    calls = []
+    real_check = cli.check_recipe
+    monkeypatch.setattr(cli, "check_recipe", lambda recipe: calls.append("check") or real_check(recipe))
+    monkeypatch.setattr(cli, "_train", lambda recipe: calls.append("train"))
+    main(["--config", write_recipe(tmp_path)])
+    assert calls == ["check", "train"]

@@ -14,9 +14,9 @@ from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sstoken_trl.collator import SSTokenCollator, pretokenize
-from sstoken_trl.spans import BadSampleError
-from sstoken_trl.tiny import build_model, build_tokenizer
+from sstoken_trl.data.collator import SSTokenCollator, pretokenize
+from sstoken_trl.data.spans import BadSampleError
+from sstoken_trl.tools.tiny import build_model, build_tokenizer
 
 datasets.disable_progress_bars()
 

@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.adapters import get_adapter
-from sstoken_trl.tiny import build_model
+from sstoken_trl.tools.tiny import build_model
 from tests.conftest import prompt_completion_rows
 
 

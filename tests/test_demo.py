@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset
 
-from sstoken_trl.arguments import parse_recipe
-from sstoken_trl.cli import main, train
-from sstoken_trl.demo import DATA_FILE, demo_rows
+from sstoken_trl.tools.arguments import parse_recipe
+from sstoken_trl.tools.cli import main, train
+from sstoken_trl.tools.demo import DATA_FILE, demo_rows
 from tests.test_visualize import Page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ RECIPE = ROOT / "recipes" / "demo-cpu.yaml"
 
 def test_shipped_data_is_the_generated_template_text():
     rows = load_dataset("json", data_files=str(DATA_FILE), split="train").to_list()
-    assert rows == demo_rows(), "regenerate: python -c 'from sstoken_trl.demo import write_demo_data as w; w()'"
+    assert rows == demo_rows(), "regenerate: python -c 'from sstoken_trl.tools.demo import write_demo_data as w; w()'"
     assert all(r["text"].count("<|User|>") == r["text"].count("<|Assistant|>") >= 1 for r in rows)
     assert any(r["text"].count("<|Assistant|>") == 2 for r in rows)  # multi-turn samples too
 
@@ -38,7 +38,7 @@ def run_demo(*flags: str, processes: int = 1) -> subprocess.CompletedProcess:
     """The demo recipe under `accelerate launch` (the torchrun launcher; the recipe's use_cpu makes it gloo DDP)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
     launch += ["--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = [*launch, "-m", "sstoken_trl.cli", "--config", str(RECIPE), *flags]
+    command = [*launch, "-m", "sstoken_trl.tools.cli", "--config", str(RECIPE), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.ema import EMAHistory
-from sstoken_trl.tiny import build_model
+from sstoken_trl.history.ema import EMAHistory
+from sstoken_trl.tools.tiny import build_model
 from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
@@ -56,9 +56,9 @@ def train(tokenizer, model, sstoken, *extra, **overrides) -> SFTTrainer:
 def history_and_current(sstoken: SSTokenCallback, tokenizer):
     last = sstoken.last_selection
     inputs = {"input_ids": last.input_ids, "attention_mask": (last.input_ids != tokenizer.pad_token_id).long()}
-    his = sstoken.step.history.log_probs(sstoken.step.forward, {**inputs, "labels": last.labels})
+    his = sstoken.history.log_probs(sstoken.selective_forward.forward, {**inputs, "labels": last.labels})
     with torch.no_grad():
-        current = sstoken.step.forward(**inputs, labels=last.labels, fused_lm_head=True).log_probs
+        current = sstoken.selective_forward.forward(**inputs, labels=last.labels, fused_lm_head=True).log_probs
     return inputs, last, his, current
 
 
@@ -91,7 +91,7 @@ def test_ema_of_all_weights_kept_on_cpu_follows_eq4(tokenizer):
     recorder = WeightsAfterEachStep()
     model = build_model("llama", len(tokenizer))
     train(tokenizer, model, sstoken, recorder)
-    ema = sstoken.step.history
+    ema = sstoken.history
     assert isinstance(ema, EMAHistory) and ema.numel() == sum(p.numel() for p in model.parameters())
     assert all(t.device.type == "cpu" for t in ema.shadow.values())
     reference = recorder.thetas[0]  # Eq. 4 in float64, from theta_0 = the start weights

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from sstoken_trl.history import BaseHistory, ModelHistory
-from sstoken_trl.tiny import build_model
+from sstoken_trl.tools.tiny import build_model
 
 
 def test_base_history_equals_a_separately_loaded_base_model(tmp_path):

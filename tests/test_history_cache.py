@@ -13,10 +13,10 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.cache import CACHED_LOG_PROBS, MANIFEST, RESUME_FILE
-from sstoken_trl.collator import SSTokenCollator
+from sstoken_trl.data.collator import SSTokenCollator
 from sstoken_trl.history import BaseHistory
-from sstoken_trl.tiny import build_model, build_tokenizer
+from sstoken_trl.history.cache import CACHED_LOG_PROBS, MANIFEST, RESUME_FILE
+from sstoken_trl.tools.tiny import build_model, build_tokenizer
 from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
@@ -30,7 +30,7 @@ class Recorder(TrainerCallback):
         self.forwards = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        step = self.sstoken.step
+        step = self.sstoken.selective_forward
         fused = step.forward
 
         def counted(*a, **kw):
@@ -98,7 +98,7 @@ def test_cache_holds_the_base_losses_of_every_sample_in_plain_numpy(runs):
     assert manifest["tokens"] == offsets[-1] == len(losses) == sum(len(s) - 1 for s in {tuple(s) for s in samples})
     assert np.all(np.diff(keys.astype(np.float64)) > 0) and losses.dtype == np.float32
     base = build_model("llama", trainer.model.config.vocab_size)  # the same seed: the base model, loaded apart
-    cache = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SSTokenCallback)).step.history.cache
+    cache = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SSTokenCallback)).history.cache
     for ids in samples:
         input_ids = torch.tensor([ids])
         with torch.no_grad():
@@ -115,7 +115,7 @@ class CompareOnline(TrainerCallback):
         self.pairs = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        history = self.sstoken.step.history
+        history = self.sstoken.history
         read = history.log_probs
 
         def compared(forward, inputs):

@@ -13,9 +13,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.ema import EMA_FILE, EMAHistory
 from sstoken_trl.history import BaseHistory
-from sstoken_trl.tiny import build_model
+from sstoken_trl.history.ema import EMA_FILE, EMAHistory
+from sstoken_trl.tools.tiny import build_model
 from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
@@ -43,7 +43,7 @@ def test_update_follows_eq4_every_n_steps_and_swaps_exactly(on_cpu):
         with torch.no_grad():
             for p in trained.values():
                 p.add_(torch.randn_like(p))
-        ema.update(step)
+        ema.after_optimizer_step(step)
         if step % 2 == 0:  # Eq. 4 as written, in float64
             reference = {n: 0.7 * reference[n] + 0.3 * p.detach().double() for n, p in trained.items()}
     assert ema.updated_at == 4
@@ -64,7 +64,7 @@ def test_history_log_probs_are_those_of_the_model_with_ema_weights():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.5 * torch.randn_like(p))
-    ema.update(1)
+    ema.after_optimizer_step(1)
     inputs = inputs_of()
     his = ema.log_probs(model.get_base_model().forward, inputs)
     reference_model = peft_model().eval()  # independent: another model carrying the EMA weights, full logits
@@ -115,10 +115,10 @@ def trainer_for(tokenizer, config: SSTokenConfig, output_dir, **overrides) -> tu
 def test_alpha_one_keeps_the_base_model(tokenizer, tmp_path):
     trainer, sstoken = trainer_for(tokenizer, SSTokenConfig(history="ema", ema_alpha=1.0), tmp_path, max_steps=2)
     trainer.train()
-    forward = sstoken.step.forward
+    forward = sstoken.selective_forward.forward
     batch = inputs_of(1)
     base = BaseHistory(trainer.model).log_probs(forward, batch)
-    torch.testing.assert_close(sstoken.step.history.log_probs(forward, batch), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sstoken.history.log_probs(forward, batch), base, atol=1e-6, rtol=0)
     with torch.no_grad():
         current = forward(**batch, fused_lm_head=True).log_probs
     assert (current - base).abs().max() > 1e-3  # training moved the adapters away from zero
@@ -131,15 +131,15 @@ def test_resumed_run_continues_with_the_same_history(tokenizer, tmp_path):
     checkpoint = tmp_path / "a" / "checkpoint-2"
     saved = load_file(checkpoint / EMA_FILE)
     adapters = load_file(checkpoint / "adapter_model.safetensors")
-    assert max((saved[n] - p).abs().max() for n, p in straight_cb.step.history.shadow.items()) > 1e-4
+    assert max((saved[n] - p).abs().max() for n, p in straight_cb.history.shadow.items()) > 1e-4
     assert any(name.startswith("base_model") and "lora_B" in name for name in saved)
     assert max(t.abs().max() for name, t in adapters.items() if "lora_B" in name) > 0  # restoring is not trivial
 
     resumed, resumed_cb = trainer_for(tokenizer, config, tmp_path / "b", save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == 4 and resumed_cb.step.history.updated_at == 4
-    for name, value in straight_cb.step.history.shadow.items():
-        torch.testing.assert_close(resumed_cb.step.history.shadow[name], value, atol=1e-6, rtol=0)
+    assert resumed.state.global_step == 4 and resumed_cb.history.updated_at == 4
+    for name, value in straight_cb.history.shadow.items():
+        torch.testing.assert_close(resumed_cb.history.shadow[name], value, atol=1e-6, rtol=0)
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
     torch.testing.assert_close(resumed_cb.last_selection.keep, straight_cb.last_selection.keep)
@@ -161,16 +161,16 @@ def test_checkpoint_file_round_trip_and_refusals(tmp_path):
     with torch.no_grad():
         for p in ema.params.values():
             p.add_(1.0)
-    ema.update(3)
+    ema.after_optimizer_step(3)
     ema.save(tmp_path)
     restored = EMAHistory(peft_model(), alpha=0.5, update_steps=1)
-    restored.load(tmp_path)
+    restored.restore(tmp_path)
     assert restored.updated_at == 3
     assert all(torch.equal(restored.shadow[n], t) for n, t in ema.shadow.items())
     base = build_model("llama", 120, seed=2)
     other = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))  # another adapter shape
     with pytest.raises(ValueError, match="other parameters"):
-        EMAHistory(other, alpha=0.5, update_steps=1).load(tmp_path)
+        EMAHistory(other, alpha=0.5, update_steps=1).restore(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.history import BaseHistory
-from sstoken_trl.tiny import build_model
+from sstoken_trl.tools.tiny import build_model
 from tests.conftest import prompt_completion_rows
 from tests.reference import token_log_probs
 
@@ -61,7 +61,7 @@ def test_qlora_trains_and_base_history_is_the_quantised_base(tokenizer, tmp_path
     trainer.train()
     logs = trainer.state.log_history[0]
     assert torch.isfinite(torch.tensor(logs["loss"])) and 0.6 <= logs["sstoken/selected_fraction"] < 0.8
-    assert isinstance(sstoken.step.history, BaseHistory)
+    assert isinstance(sstoken.history, BaseHistory)
 
     last = sstoken.last_selection
     inputs = {"input_ids": last.input_ids, "attention_mask": (last.input_ids != tokenizer.pad_token_id).long()}
@@ -69,7 +69,7 @@ def test_qlora_trains_and_base_history_is_the_quantised_base(tokenizer, tmp_path
     # Both sides in eval mode: on CPU, bitsandbytes repacks a 4-bit weight for its bf16 inference kernel the
     # first time the layer runs in eval mode without grad, and that kernel rounds differently (~1e-3).
     trainer.model.eval()
-    his = sstoken.step.history.log_probs(sstoken.step.forward, {**inputs, "labels": last.labels})
+    his = sstoken.history.log_probs(sstoken.selective_forward.forward, {**inputs, "labels": last.labels})
     quantised_base = load_4bit(tmp_path / "base").eval()  # the same nf4 weights, loaded apart, full logits
     with torch.no_grad():
         expected = token_log_probs(quantised_base(**inputs).logits, last.input_ids)

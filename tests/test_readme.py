@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
-from sstoken_trl.arguments import SSTokenArguments, fields_markdown, parse_recipe
-from sstoken_trl.inspection import InspectArguments
+from sstoken_trl.tools.arguments import SSTokenArguments, fields_markdown, parse_recipe
+from sstoken_trl.tools.inspection import InspectArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -47,9 +47,9 @@ def test_every_recipe_and_accelerate_config_is_documented_and_exists():
 def test_training_command_lines_parse():
     train_lines = commands("sstoken-train")
     launched = [
-        shlex.split(line.split("-m sstoken_trl.cli", 1)[1])
+        shlex.split(line.split("-m sstoken_trl.tools.cli", 1)[1])
         for line in README.splitlines()
-        if "-m sstoken_trl.cli" in line
+        if "-m sstoken_trl.tools.cli" in line
     ]
     assert len(train_lines) >= 3 and len(launched) == 2
     for args in train_lines + launched:

@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from trl.scripts.sft import make_parser as trl_sft_parser
 
-from sstoken_trl.arguments import PREFIX, parse_recipe
+from sstoken_trl.tools.arguments import PREFIX, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -13,11 +13,11 @@ from trl.trainer.utils import add_fused_lm_head
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.adapters import get_adapter
-from sstoken_trl.budget import SelectionBudget
 from sstoken_trl.history import ModelHistory
-from sstoken_trl.hook import AttnScoreHook
-from sstoken_trl.step import SelectiveForward
-from sstoken_trl.tiny import build_model
+from sstoken_trl.integration.selective_forward import SelectiveForward
+from sstoken_trl.scoring.hook import AttnScoreHook
+from sstoken_trl.selection.budget import SelectionBudget
+from sstoken_trl.tools.tiny import build_model
 from tests.test_train import make_trainer
 
 
@@ -76,7 +76,7 @@ def test_non_finite_history_is_reported_and_never_selected(tokenizer, tmp_path):
     assert logs["sstoken/selected_fraction"] == 0.0
     assert logs["sstoken/nonfinite_rel_tokens"] > 0
     assert not sstoken.last_selection.keep.any()
-    assert isinstance(sstoken.step.history, ModelHistory)
+    assert isinstance(sstoken.history, ModelHistory)
 
 
 class TensorCount(TrainerCallback):

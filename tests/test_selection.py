@@ -8,11 +8,11 @@ from fractions import Fraction
 import pytest
 import torch
 
-from sstoken_trl.budget import SelectionBudget, selection_segments
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.layout import batch_layout
-from sstoken_trl.selection import kept_count, minmax_normalise, top_ratio
-from sstoken_trl.selectors import sstoken_select
+from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.selection.budget import SelectionBudget
+from sstoken_trl.selection.equations import kept_count, minmax_normalise, top_ratio
+from sstoken_trl.selection.selectors import sstoken_select
 from tests.reference import reference_select
 
 
@@ -112,7 +112,7 @@ def test_budget_counts_exactly_the_tokens_selection_keeps(scope):
     counted = batch["labels"][:, 1:] != -100
     layout = batch_layout(labels)
     _, keep, _ = sstoken_select(SSTokenConfig(select_ratio=0.6, scope=scope), layout, rel_values, attn, 0.5)
-    segment, _ = selection_segments(layout, scope)
+    segment, _ = layout.segments(scope)
     for s in segment.unique():
         in_segment = segment == s
         assert int((counted & in_segment).sum()) == int((keep & in_segment).sum())

@@ -12,10 +12,10 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.budget import REAL_LABELS, SelectionBudget
-from sstoken_trl.layout import batch_layout
-from sstoken_trl.selectors import SELECTORS, Signals, budget_ratio, get_selector, micro_batch_seed
-from sstoken_trl.tiny import build_model
+from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.selection.budget import REAL_LABELS, SelectionBudget
+from sstoken_trl.selection.selectors import SELECTORS, Signals, budget_ratio, get_selector, micro_batch_seed
+from sstoken_trl.tools.tiny import build_model
 from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import token_log_probs
 
@@ -152,7 +152,7 @@ def train(tokenizer, config: SSTokenConfig | None, lora: bool = True, **override
 def test_full_selector_trains_exactly_like_plain_sft(tokenizer):
     plain, _ = train(tokenizer, None, lora=False, learning_rate=1e-2)
     full, sstoken = train(tokenizer, SSTokenConfig(selector="full"), lora=False, learning_rate=1e-2)
-    assert sstoken.step.history is None  # full fine-tuning, and no history needed
+    assert sstoken.history is None  # full fine-tuning, and no history needed
     for a, b in zip(plain.state.log_history[:2], full.state.log_history[:2], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert b["sstoken/selected_fraction"] == 1.0
@@ -179,7 +179,7 @@ def test_rho1_against_a_reference_model_in_training(tokenizer):
 def test_gamma_zero_needs_no_history_even_without_peft(tokenizer):
     _, sstoken = train(tokenizer, SSTokenConfig(gamma=0.0, select_ratio=0.5), lora=False)
     last = sstoken.last_selection
-    assert sstoken.step.history is None and not last.rel.any()
+    assert sstoken.history is None and not last.rel.any()
     assert torch.equal(last.keep, top_k_loop(last.attn_score, last.response, 0.5))
 
 
@@ -188,5 +188,5 @@ def test_random_selector_is_reproducible_across_runs(tokenizer):
     for _ in range(2):
         _, sstoken = train(tokenizer, SSTokenConfig(selector="random", seed=3), lora=False)
         keeps.append(sstoken.last_selection.keep)
-        assert sstoken.step.history is None and not sstoken.last_selection.attn_score.any()
+        assert sstoken.history is None and not sstoken.last_selection.attn_score.any()
     assert torch.equal(keeps[0], keeps[1])

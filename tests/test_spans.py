@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sstoken_trl.spans import BadSampleError, SpanFinder
-from sstoken_trl.tiny import build_tokenizer
+from sstoken_trl.data.spans import BadSampleError, SpanFinder
+from sstoken_trl.tools.tiny import build_tokenizer
 
 U, A, EOS = "<|User|>", "<|Assistant|>", "</s>"
 SINGLE = "<|User|>What is two plus two?<|Assistant|>!Four, of course."

@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.tiny import build_model
+from sstoken_trl.tools.tiny import build_model
 from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.reference import prompt_attention, reference_select, token_log_probs
 
@@ -24,7 +24,7 @@ class Probe(TrainerCallback):
         self.grads: dict[str, torch.Tensor] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        step = self.sstoken.step
+        step = self.sstoken.selective_forward
         fused = step.forward
 
         def probed(*a, **kw):
@@ -151,7 +151,7 @@ def test_scoring_runs_once_per_training_forward_with_gradient_checkpointing(toke
 
     class CountScoring(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            hook = sstoken.step.hook
+            hook = sstoken.selective_forward.hook
             score_fn = hook.score_fn
             hook.score_fn = lambda *a: calls.append(1) or score_fn(*a)
 
@@ -322,7 +322,7 @@ def test_rel_warmup_uses_attention_alone_and_skips_the_history_forward(tokenizer
 
     class CountHistory(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            history = sstoken.step.history
+            history = sstoken.history
             log_probs = history.log_probs
             history.log_probs = lambda *a: history_calls.append(state.global_step) or log_probs(*a)
 
@@ -354,3 +354,47 @@ def test_evaluation_during_training_measures_every_response_token(tokenizer):
     assert len(evals) == 2
     for value in evals:
         assert abs(value - expected) < 1e-6
+
+
+def test_reentered_train_loop_wraps_and_hooks_once(tokenizer, monkeypatch):
+    """auto_find_batch_size re-enters the training loop after an OOM without on_train_end: simulate it."""
+    import sstoken_trl.integration.callback as callback_module
+
+    checks = []
+    real_check = callback_module.check_loss_path
+    monkeypatch.setattr(callback_module, "check_loss_path", lambda t: checks.append(t) or real_check(t))
+    sstoken = SSTokenCallback()
+    trainer = make_trainer(tokenizer, callbacks=[sstoken])
+    inner = trainer.model.get_base_model()
+    fused_forward = inner.forward
+    loop = trainer._inner_training_loop
+    entries = []
+
+    def flaky_loop(*args, **kwargs):
+        entries.append(1)
+        if len(entries) == 1:
+            control = trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+            trainer.control = control
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return loop(*args, **kwargs)
+
+    trainer.callback_handler.train_dataloader = trainer.get_train_dataloader()
+    trainer._inner_training_loop = flaky_loop
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        trainer.train()
+    # The first start left its wrapping in place (no on_train_end); the next start must not stack on it.
+    trainer._inner_training_loop = loop
+    trainer.train()
+    assert sstoken.selective_forward.forward == fused_forward  # wrapped exactly once
+    assert inner.forward == fused_forward and not any(m._forward_pre_hooks for m in inner.modules())
+    assert len(checks) == 1  # the loss path is checked once, when the trainer is found
+
+
+def test_callback_given_the_trainer_after_construction(tokenizer):
+    trainer = make_trainer(tokenizer)
+    sstoken = SSTokenCallback(SSTokenConfig(), trainer=trainer)
+    trainer.add_callback(sstoken)
+    trainer.train()
+    assert sstoken.trainer is trainer and sstoken.last_selection is not None
+    logged = [e for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
+    assert logged and logged[-1]["sstoken/selected_fraction"] == pytest.approx(0.6, abs=0.15)

@@ -1,4 +1,4 @@
-"""The selection page and summary (from a Selection), and sstoken-inspect end to end against a reference."""
+"""The selection page and summary (from a BatchSelection), and sstoken-inspect end to end against a reference."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from sstoken_trl.collator import SSTokenCollator
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.inspection import run_inspect
-from sstoken_trl.layout import batch_layout
-from sstoken_trl.selectors import sstoken_select
-from sstoken_trl.step import Selection
-from sstoken_trl.tiny import build_model, build_tokenizer
-from sstoken_trl.visualize import render_html, summarize
+from sstoken_trl.data.collator import SSTokenCollator
+from sstoken_trl.integration.selective_forward import BatchSelection
+from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.selection.selectors import sstoken_select
+from sstoken_trl.tools.inspection import run_inspect
+from sstoken_trl.tools.tiny import build_model, build_tokenizer
+from sstoken_trl.tools.visualize import render_html, summarize
 from tests.conftest import prompt_completion_rows
 from tests.reference import prompt_attention, reference_select, token_log_probs
 
@@ -54,7 +54,7 @@ class Page(HTMLParser):
 
 
 def selection_for(tokenizer, texts, rel_rows, attn_rows, config):
-    """A Selection built by the core's own selection on the collated texts, with the given REL / AttnScore."""
+    """A BatchSelection built by the core's own selection on the collated texts, with the given REL / AttnScore."""
     batch = SSTokenCollator(tokenizer)([{"text": t} for t in texts])
     layout = batch_layout(batch["labels"], batch["attention_mask"])
     rel, attn = torch.zeros(layout.response.shape), torch.zeros(layout.response.shape)
@@ -63,7 +63,9 @@ def selection_for(tokenizer, texts, rel_rows, attn_rows, config):
         assert len(where) == len(r), "test setup: response length"
         rel[b, where], attn[b, where] = torch.tensor(r), torch.tensor(a)
     score, keep, keep_rel = sstoken_select(config, layout, rel, attn, config.gamma)
-    selection = Selection(batch["input_ids"], batch["labels"], layout.response, rel, attn, score, keep, keep_rel)
+    selection = BatchSelection(
+        batch["input_ids"], batch["labels"], layout.real, layout.doc, layout.response, rel, attn, score, keep, keep_rel
+    )
     return selection, batch, keep_rel
 
 
@@ -104,7 +106,7 @@ def test_page_marks_kept_attention_and_dropped_tokens(words):
 
 def test_summary_counts_and_marks(words):
     selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
-    text = summarize(selection, words, CONFIG)
+    text = summarize(selection, words)
     assert "2 samples, 6 response tokens, 3 kept (50.0%), 1 of them thanks to the attention score" in text
     delta = words.decode(selection.input_ids[0, selection.response[0].nonzero()[1] + 1])
     assert "{" + delta + "}" in text
@@ -168,3 +170,37 @@ def test_inspect_command_without_adapter_ranks_by_attention(inspect_setup, tmp_p
     assert "REL is 0" in done.stdout
     scored = [t for s in Page(output.read_text()).samples for t in s if t["status"] != "prompt"]
     assert scored and all(float(t["attrs"]["data-rel"]) == 0.0 for t in scored)
+
+
+def test_packed_row_renders_each_document_and_keeps_eos_tokens(words):
+    """Samples come from the layout, not from the pad id (which is EOS after load_tokenizer)."""
+    single, _, _ = selection_for(words, TEXTS[:1], REL[:1], ATTN[:1], CONFIG)
+    eos = words.pad_token_id  # as after load_tokenizer, where the pad token is EOS
+    real = single.real[0]
+    ids = single.input_ids[0][real]
+    labels = single.labels[0][real]
+    # One packed row: [doc 1 + EOS][doc 1 + EOS]; the EOS is a labelled response token and equals the pad id.
+    row_ids = torch.cat([ids, torch.tensor([eos]), ids, torch.tensor([eos])])[None]
+    row_labels = torch.cat([labels, torch.tensor([eos]), labels, torch.tensor([eos])])[None]
+    n = ids.numel() + 1
+    position_ids = torch.cat([torch.arange(n), torch.arange(n)])[None]
+    layout = batch_layout(row_labels, None, position_ids)
+    scores = torch.rand(layout.response.shape)
+    selection = BatchSelection(
+        row_ids,
+        row_labels,
+        layout.real,
+        layout.doc,
+        layout.response,
+        scores,
+        scores,
+        scores,
+        layout.response,
+        layout.response,
+    )
+    page = Page(render_html(selection, words, CONFIG))
+    assert len(page.samples) == 2
+    for tokens in page.samples:
+        expected = words.decode(row_ids[0, :n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert "".join(t["text"] for t in tokens) == expected
+        assert tokens[-1]["status"] == "kept"  # the EOS response token is shown and scored, not taken for padding

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.tiny import build_model, build_tokenizer
+from sstoken_trl.tools.tiny import build_model, build_tokenizer
 from tests.conftest import prompt_completion_rows
 
 

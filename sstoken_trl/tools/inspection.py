@@ -1,4 +1,4 @@
-"""Score samples with ssToken outside training, for `sstoken-inspect`.
+"""`sstoken-inspect`: score samples with ssToken outside training and write the selection page.
 
 One pass of the core's selective forward (`SelectiveForward`: history log-probs, the forward with the
 AttnScore hook, `sstoken_select`) on a collated batch, without SFTTrainer. With a PEFT adapter the history is
@@ -16,18 +16,18 @@ from accelerate import PartialState
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, TrlParser
-from trl.trainer.utils import add_fused_lm_head
 
-from sstoken_trl.arguments import SSTokenArguments
-from sstoken_trl.budget import REAL_LABELS
-from sstoken_trl.callback import fused_model
-from sstoken_trl.collator import SSTokenCollator
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.history import BaseHistory, HistorySource, ModelHistory
-from sstoken_trl.hook import hook_scoring_layer
-from sstoken_trl.loading import load_data, load_model, load_tokenizer
-from sstoken_trl.spans import ASSISTANT_TAG, USER_TAG
-from sstoken_trl.step import Selection, SelectiveForward
+from sstoken_trl.data.collator import SSTokenCollator
+from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.history import HistoryContext, HistorySource, build_history
+from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward
+from sstoken_trl.scoring.hook import hook_scoring_layer
+from sstoken_trl.selection.budget import REAL_LABELS
+from sstoken_trl.tools.arguments import SSTokenArguments
+from sstoken_trl.tools.loading import load_data, load_model, load_tokenizer
+from sstoken_trl.tools.visualize import render_html, summarize
+from sstoken_trl.trl_internals import add_fused_lm_head, fused_model, has_fused_head
 
 
 @dataclass
@@ -63,25 +63,28 @@ def load_for_inspection(args: InspectArguments) -> tuple[PreTrainedModel, PreTra
     return model.eval(), tokenizer
 
 
+INSPECTED_HISTORIES = ("base", "model")
+
+
 def history_source(model: torch.nn.Module, inner: PreTrainedModel, config: SSTokenConfig) -> HistorySource | None:
     """The history of `config` for this model; None (REL 0, selection by AttnScore alone) when there is none."""
-    if config.history == "model":
-        if config.history_model is None:
-            raise ValueError("history 'model' needs --sstoken_history_model PATH.")
-        return ModelHistory(config.history_model, like=inner)
-    if config.history == "base" and isinstance(model, PeftModel):
-        return BaseHistory(model)
-    if config.history == "base":
+    if config.history not in INSPECTED_HISTORIES:
+        raise ValueError(f"sstoken-inspect supports history 'base' and 'model', not {config.history!r}.")
+    if config.history == "base" and not isinstance(model, PeftModel):
         print("No adapter given, so no history model: REL is 0 and tokens are ranked by AttnScore alone.")
         return None
-    raise ValueError(f"sstoken-inspect supports history 'base' and 'model', not {config.history!r}.")
+    if config.history == "model" and config.history_model is None:
+        raise ValueError("history 'model' needs --sstoken_history_model PATH.")
+    return build_history(HistoryContext(config, model, inner, inner.forward, config.history_model))
 
 
-def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: SSTokenConfig) -> Selection:
+def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: SSTokenConfig) -> BatchSelection:
     """The selection ssToken makes on `batch` (input_ids, attention_mask, labels), under no_grad."""
     inner = fused_model(model)
-    if "forward" not in vars(inner):
-        raise ValueError("The model needs TRL's fused LM head: call trl.trainer.utils.add_fused_lm_head(model).")
+    if not has_fused_head(model):
+        raise ValueError(
+            "The model needs TRL's fused LM head: call sstoken_trl.trl_internals.add_fused_lm_head(model)."
+        )
     hook = hook_scoring_layer(inner, config)
     step = SelectiveForward(inner.forward, config, hook, history_source(model, inner, config))
     step.global_step = config.rel_warmup_steps  # past the warm-up: gamma as configured
@@ -95,8 +98,6 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: 
 
 def run_inspect(argv: list[str] | None = None) -> Path:
     """The `sstoken-inspect` command; returns the path of the HTML page."""
-    from sstoken_trl.visualize import render_html, summarize
-
     parser = TrlParser((InspectArguments, SSTokenArguments), prog="sstoken-inspect", allow_abbrev=False)
     args, sstoken_args = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
     config = sstoken_args.to_config()
@@ -113,9 +114,18 @@ def run_inspect(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_html(selection, tokenizer, config, title=title), encoding="utf-8")
-    print(summarize(selection, tokenizer, config, max_samples=len(samples), heading="ssToken selection"))
+    print(summarize(selection, tokenizer, max_samples=len(samples), heading="ssToken selection"))
     print(f"Selection page: {output}")
     return output
 
 
-__all__ = ["InspectArguments", "load_for_inspection", "run_inspect", "score_batch"]
+def main(argv: list[str] | None = None) -> None:
+    """sstoken-inspect: score a few samples with a model (+ adapter) and write the selection as HTML."""
+    run_inspect(argv)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["InspectArguments", "load_for_inspection", "main", "run_inspect", "score_batch"]

@@ -3,7 +3,7 @@
 The recipe is TRL's flat YAML (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig keys) plus the
 `sstoken_` keys; flags override it. Samples of any supported format (template text, messages,
 prompt/completion, token ids) are turned into `input_ids` + response-only `labels` once, then the stock
-SFTTrainer trains with `SSTokenCallback`. Runs as is or under `accelerate launch -m sstoken_trl.cli`.
+SFTTrainer trains with `SSTokenCallback`. Runs as is or under `accelerate launch -m sstoken_trl.tools.cli`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTTrainer, get_peft_config
 
-from sstoken_trl.arguments import Recipe, parse_recipe
-from sstoken_trl.callback import SSTokenCallback
-from sstoken_trl.collator import pretokenize
-from sstoken_trl.loading import load_model, load_splits, load_tokenizer
-from sstoken_trl.selectors import uses_history
+from sstoken_trl.data.collator import pretokenize
+from sstoken_trl.integration.callback import SSTokenCallback
+from sstoken_trl.selection.selectors import uses_history
+from sstoken_trl.tools.arguments import Recipe, parse_recipe
+from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
+from sstoken_trl.tools.visualize import render_html, summarize
 
 SELECTION_PAGE = "selection.html"
 
@@ -53,8 +54,6 @@ def response_labels(dataset: Dataset | None, tokenizer: PreTrainedTokenizerBase,
 
 def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
     """Print what the last micro-batch selected and write it as an HTML page into output_dir."""
-    from sstoken_trl.visualize import render_html, summarize
-
     selection = callback.last_selection
     if selection is None:
         return
@@ -62,7 +61,7 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
     title = f"ssToken selection, last training batch: {recipe.model.model_name_or_path}"
     page.write_text(render_html(selection, tokenizer, recipe.sstoken, title=title), encoding="utf-8")
     logged = [entry for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
-    print(summarize(selection, tokenizer, recipe.sstoken))
+    print(summarize(selection, tokenizer))
     if logged:
         stats = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in logged[-1].items() if k.startswith("sstoken/"))
         print(f"  last logged step {logged[-1].get('step', '?')}: {stats}")
@@ -73,6 +72,11 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
 def train(recipe: Recipe) -> SFTTrainer:
     """Load model, tokenizer and data as the recipe says, train with ssToken, save, report."""
     check_recipe(recipe)
+    return _run(recipe)
+
+
+def _run(recipe: Recipe) -> SFTTrainer:
+    """`train` for a recipe already checked."""
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.run.sstoken_torch_threads or threads)
     try:
@@ -85,7 +89,7 @@ def _train(recipe: Recipe) -> SFTTrainer:
     training, model_args = recipe.training, recipe.model
     train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
     if recipe.run.sstoken_build_tiny_model:
-        from sstoken_trl.demo import ensure_tiny_model
+        from sstoken_trl.tools.demo import ensure_tiny_model
 
         with training.main_process_first(desc="tiny demo model"):
             ensure_tiny_model(
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         print(f"sstoken-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    train(recipe)
+    _run(recipe)
 
 
 if __name__ == "__main__":

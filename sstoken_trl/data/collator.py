@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sstoken_trl.spans import ASSISTANT_TAG, BAD_REASONS, USER_TAG, BadSampleError, Encoded, SpanFinder
+from sstoken_trl.data.spans import ASSISTANT_TAG, BAD_REASONS, USER_TAG, BadSampleError, Encoded, SpanFinder
+from sstoken_trl.trl_internals import DataCollatorForLanguageModeling
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _check_policy(on_bad_sample: str, max_length: int | None) -> None:
 class SSTokenCollator:
     """Collates template text, token ids, messages or prompt/completion samples into a padded batch.
 
-    Labels are the response tokens (see `sstoken_trl.spans`); -100 elsewhere and on padding. Padding is TRL's
+    Labels are the response tokens (see `sstoken_trl.data.spans`); -100 elsewhere and on padding. Padding is TRL's
     `DataCollatorForLanguageModeling`, so the output is what TRL's own collator gives: input_ids, attention_mask,
     labels (and position_ids with `return_position_ids=True`).
 

@@ -19,14 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sstoken_trl.history import Forward
-from sstoken_trl.hook import dropout_off
+from sstoken_trl.dropout import dropout_off
+from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
 
 EMA_FILE = "sstoken_ema.safetensors"
 FORMAT = "sstoken-ema/1"
 
 
-class EMAHistory:
+class EMAHistory(HistorySource):
     """EMA of the trainable weights of `model` (the trainer's model: a PeftModel or a plain model)."""
 
     def __init__(self, model: nn.Module, alpha: float, update_steps: int, on_cpu: bool = False) -> None:
@@ -38,12 +38,24 @@ class EMAHistory:
         self.shadow = {name: p.detach().to("cpu" if on_cpu else p.device, copy=True) for name, p in self.params.items()}
         self.updated_at = 0  # optimizer step of the last update
 
+    @classmethod
+    def from_context(cls, context: HistoryContext) -> EMAHistory:
+        trainer = context.require_trainer("ema")
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            raise ValueError("history='ema' swaps whole parameters in and out; FSDP and DeepSpeed shard them.")
+        config = context.config
+        ema = cls(context.model, config.ema_alpha, config.ema_update_steps, config.ema_on_cpu)
+        folder = context.resume_folder()
+        if folder is not None:
+            ema.restore(folder)
+        return ema
+
     def numel(self) -> int:
         """Number of averaged values (the adapter size under PEFT)."""
         return sum(t.numel() for t in self.shadow.values())
 
     @torch.no_grad()
-    def update(self, global_step: int) -> None:
+    def after_optimizer_step(self, global_step: int) -> None:
         """Eq. 4 after optimizer step `global_step`, when it is a multiple of `update_steps`."""
         if global_step % self.update_steps:
             return
@@ -87,7 +99,7 @@ class EMAHistory:
         metadata = {"format": FORMAT, "updated_at": str(self.updated_at), "alpha": repr(self.alpha)}
         save_file(tensors, str(Path(folder) / EMA_FILE), metadata=metadata)
 
-    def load(self, folder: Path) -> None:
+    def restore(self, folder: Path) -> None:
         """Restore theta_his from a checkpoint folder written by `save`; raises on a missing or mismatched file."""
         path = Path(folder) / EMA_FILE
         if not path.is_file():

@@ -15,17 +15,11 @@ from typing import Any
 
 import torch
 
-from sstoken_trl.layout import IGNORE_INDEX, Layout, batch_layout
-from sstoken_trl.selection import first_ratio
+from sstoken_trl.data.spans import IGNORE_INDEX
+from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.selection.equations import first_ratio
 
 REAL_LABELS = "sstoken_labels"
-
-
-def selection_segments(layout: Layout, scope: str) -> tuple[torch.Tensor, int]:
-    """Segment id per target position: its sample ("sample") or one segment for the micro-batch ("batch")."""
-    if scope == "batch":
-        return torch.zeros_like(layout.response, dtype=torch.long), 1
-    return layout.sample_ids(), layout.num_samples
 
 
 class SelectionBudget:
@@ -42,7 +36,7 @@ class SelectionBudget:
             raise ValueError("ssToken does not support collators that emit pre-shifted `shift_labels`.")
         labels = batch["labels"]
         layout = batch_layout(labels, batch.get("attention_mask"), batch.get("position_ids"))
-        segment, num_segments = selection_segments(layout, self.scope)
+        segment, num_segments = layout.segments(self.scope)
         counted = first_ratio(segment, layout.response, num_segments, self.select_ratio)
         batch[REAL_LABELS] = labels
         batch["labels"] = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(~counted, IGNORE_INDEX)], dim=1)

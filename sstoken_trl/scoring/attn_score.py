@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sstoken_trl.layout import Layout
+from sstoken_trl.scoring.layout import Layout
 
 
 def key_mask(layout: Layout, window: int | None = None) -> torch.Tensor:

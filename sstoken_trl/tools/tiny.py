@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-USER_TAG = "<|User|>"
-ASSISTANT_TAG = "<|Assistant|>"
+from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", USER_TAG, ASSISTANT_TAG]
 
 # A chat template whose assistant turns are wrapped in generation markers, so that TRL's assistant-only loss

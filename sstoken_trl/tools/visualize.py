@@ -2,7 +2,7 @@
 
 Every response token is one of: kept, kept thanks to the attention score (kept by the combined score but not
 by REL alone), or dropped; hovering shows its REL, AttnScore and combined score. Prompt tokens are shown
-unscored. `main` is the `sstoken-inspect` command (model loading and scoring live in `sstoken_trl.inspection`).
+unscored. The `sstoken-inspect` command lives in `sstoken_trl.tools.inspection`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.layout import IGNORE_INDEX
-from sstoken_trl.step import Selection
+from sstoken_trl.integration.selective_forward import BatchSelection
 
 STATUSES = {
     "kept": "kept",
@@ -34,32 +33,32 @@ class Token:
     score: float = math.nan
 
 
-def _real_span(ids: list[int], labels: list[int], pad_id: int | None) -> range:
-    """Positions of a row without its leading / trailing padding."""
-
-    def pad(i: int) -> bool:
-        return ids[i] == pad_id and labels[i] == IGNORE_INDEX
-
-    start, end = 0, len(ids)
-    while start < end and pad(start):
-        start += 1
-    while end > start and pad(end - 1):
-        end -= 1
-    return range(start, end)
+def _samples(selection: BatchSelection) -> list[tuple[int, list[int]]]:
+    """(row, positions) of every sample of the batch: the real tokens of one document of a row, in order."""
+    real, doc = selection.real.cpu(), selection.doc.cpu()
+    out = []
+    for b in range(real.size(0)):
+        positions = real[b].nonzero().flatten().tolist()
+        for d in sorted(set(doc[b, positions].tolist())):
+            out.append((b, [j for j in positions if doc[b, j] == d]))
+    return out
 
 
-def sample_tokens(selection: Selection, tokenizer: PreTrainedTokenizerBase, config: SSTokenConfig) -> list[list[Token]]:
-    """Per row of the batch, its tokens with their status and scores (token j is scored at position j - 1)."""
+def sample_tokens(selection: BatchSelection, tokenizer: PreTrainedTokenizerBase) -> list[list[Token]]:
+    """Per sample of the batch, its tokens with their status and scores (token j is scored at position j - 1).
+
+    Samples come from the batch's own layout (padding, documents of a packed row), never from token ids."""
     by_rel = selection.keep_rel.cpu()
     response, keep = selection.response.cpu(), selection.keep.cpu()
     rel, attn, score = (t.detach().float().cpu() for t in (selection.rel, selection.attn_score, selection.score))
+    ids = selection.input_ids.tolist()
     rows = []
-    for b, (ids, labels) in enumerate(zip(selection.input_ids.tolist(), selection.labels.tolist(), strict=True)):
+    for b, positions in _samples(selection):
         tokens = []
-        for j in _real_span(ids, labels, tokenizer.pad_token_id):
-            text = tokenizer.decode([ids[j]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for i, j in enumerate(positions):
+            text = tokenizer.decode([ids[b][j]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
             t = j - 1
-            if j == 0 or not response[b, t]:
+            if i == 0 or not response[b, t]:
                 tokens.append(Token(text, "prompt"))
                 continue
             status = "dropped" if not keep[b, t] else ("kept" if by_rel[b, t] else "attention")
@@ -109,13 +108,13 @@ def _span(token: Token) -> str:
 
 
 def render_html(
-    selection: Selection,
+    selection: BatchSelection,
     tokenizer: PreTrainedTokenizerBase,
     config: SSTokenConfig,
     title: str = "ssToken selection",
 ) -> str:
     """A self-contained HTML page of the selection (no scripts, no external resources)."""
-    rows = sample_tokens(selection, tokenizer, config)
+    rows = sample_tokens(selection, tokenizer)
     total = _counts([t for row in rows for t in row])
     settings = f"rho {config.select_ratio}, gamma {config.gamma}, layer {config.attn_layer}, scope {config.scope}"
     parts = [
@@ -137,14 +136,13 @@ def render_html(
 
 
 def summarize(
-    selection: Selection,
+    selection: BatchSelection,
     tokenizer: PreTrainedTokenizerBase,
-    config: SSTokenConfig,
     max_samples: int = 3,
     heading: str = "ssToken selection of the last micro-batch",
 ) -> str:
     """Plain-text summary: counts, mean scores of kept vs dropped tokens, and a few samples marked up."""
-    rows = sample_tokens(selection, tokenizer, config)
+    rows = sample_tokens(selection, tokenizer)
     flat = [t for row in rows for t in row]
     kept = [t for t in flat if t.status in ("kept", "attention")]
     dropped = [t for t in flat if t.status == "dropped"]
@@ -162,11 +160,4 @@ def summarize(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """sstoken-inspect: score a few samples with a model (+ adapter) and write the selection as HTML."""
-    from sstoken_trl.inspection import run_inspect
-
-    run_inspect(argv)
-
-
-__all__ = ["STATUSES", "Token", "main", "render_html", "sample_tokens", "summarize"]
+__all__ = ["STATUSES", "Token", "render_html", "sample_tokens", "summarize"]

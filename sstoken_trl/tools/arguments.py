@@ -17,7 +17,7 @@ from typing import Any
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
 
 PREFIX = "sstoken_"
 
@@ -95,7 +95,6 @@ class RunArguments:
 
 
 DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SSTokenArguments, RunArguments)
-SSTOKEN_DATACLASSES = (SSTokenArguments, RunArguments)
 
 
 @dataclass

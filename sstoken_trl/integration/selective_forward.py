@@ -13,14 +13,13 @@ from typing import Any
 
 import torch
 
-from sstoken_trl.budget import REAL_LABELS
-from sstoken_trl.cache import CACHED_LOG_PROBS
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistorySource
-from sstoken_trl.hook import AttnScoreHook
-from sstoken_trl.layout import Layout, batch_layout
-from sstoken_trl.selection import rel
-from sstoken_trl.selectors import Signals, get_selector, micro_batch_seed
+from sstoken_trl.scoring.hook import AttnScoreHook
+from sstoken_trl.scoring.layout import Layout, batch_layout
+from sstoken_trl.selection.budget import REAL_LABELS
+from sstoken_trl.selection.equations import rel
+from sstoken_trl.selection.selectors import Signals, get_selector, micro_batch_seed
 
 STAT_NAMES = (
     "response_tokens",
@@ -33,11 +32,13 @@ STAT_NAMES = (
 
 
 @dataclass
-class Selection:
-    """One micro-batch's selection, on target positions (B, T-1) except input_ids / labels (B, T)."""
+class BatchSelection:
+    """One micro-batch's selection, on target positions (B, T-1) except input_ids, labels, real, doc (B, T)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    real: torch.Tensor  # not padding
+    doc: torch.Tensor  # document index within the row (packed rows hold several samples)
     response: torch.Tensor
     rel: torch.Tensor
     attn_score: torch.Tensor
@@ -63,7 +64,7 @@ class SelectiveForward:
         self.global_step = 0
         self.calls = 0
         self.stats: torch.Tensor | None = None
-        self.last: Selection | None = None
+        self.last: BatchSelection | None = None
 
     def gamma(self) -> float:
         return 0.0 if self.global_step < self.config.rel_warmup_steps else self.config.gamma
@@ -84,7 +85,8 @@ class SelectiveForward:
         selector = get_selector(self.config.selector)
         needs_history = self.history is not None and selector.needs_history(gamma)
         logp_his = self.history.log_probs(self.forward, kwargs) if needs_history else None
-        kwargs.pop(CACHED_LOG_PROBS, None)  # cached history rides in the batch; the model must not see it
+        if self.history is not None:
+            self.history.strip_batch(kwargs)  # fields the history source added; the model must not see them
         attending = selector.needs_attention(gamma)
         if attending:
             self.hook.arm(layout)
@@ -134,9 +136,11 @@ class SelectiveForward:
         ).float()
         self.stats = stats if self.stats is None else self.stats + stats
         self.calls += 1
-        self.last = Selection(
+        self.last = BatchSelection(
             input_ids=inputs["input_ids"].detach(),
             labels=inputs["labels"].detach(),
+            real=layout.real,
+            doc=layout.doc,
             response=response,
             rel=rel_values,
             attn_score=attn,

@@ -7,33 +7,16 @@ itself after firing: the gradient-checkpoint recompute of the layer during backw
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from sstoken_trl.adapters import AttnAdapter, get_adapter
-from sstoken_trl.attn_score import BACKENDS
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.layout import Layout
-
-
-@contextmanager
-def dropout_off(module: nn.Module) -> Iterator[None]:
-    """Put the dropout layers inside `module` (LoRA dropout included) in eval mode, then restore them.
-
-    Only dropout is switched: other layers keep their mode (4-bit layers, for one, repack weights in eval mode).
-    """
-    dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-    for m in dropouts:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in dropouts:
-            m.training = True
+from sstoken_trl.dropout import dropout_off
+from sstoken_trl.scoring.attn_score import BACKENDS
+from sstoken_trl.scoring.layout import Layout
 
 
 class AttnScoreHook:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from sstoken_trl.data.spans import IGNORE_INDEX
 
 
 @dataclass
@@ -28,9 +28,16 @@ class Layout:
         return rows * self.doc.size(1) + self.doc[:, 1:]
 
     @property
-    def num_samples(self) -> int:
+    def sample_id_bound(self) -> int:
         """Upper bound on the sample ids (no host sync)."""
         return self.doc.numel()
+
+    def segments(self, scope: str) -> tuple[torch.Tensor, int]:
+        """Selection segment of each target position and a bound on their ids: its sample ("sample") or one
+        segment for the whole micro-batch ("batch")."""
+        if scope == "batch":
+            return torch.zeros_like(self.response, dtype=torch.long), 1
+        return self.sample_ids(), self.sample_id_bound
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

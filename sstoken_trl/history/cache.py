@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,13 @@ import torch
 from peft import PeftModel
 from transformers import Trainer
 
-from sstoken_trl.fingerprint import sample_key, tokenizer_fingerprint, weights_fingerprint
-from sstoken_trl.history import BaseHistory, Forward
-from sstoken_trl.hook import dropout_off
-from sstoken_trl.layout import IGNORE_INDEX, Layout, batch_layout
+from sstoken_trl.data.spans import IGNORE_INDEX
+from sstoken_trl.dropout import dropout_off
+from sstoken_trl.history.base import BaseHistory
+from sstoken_trl.history.fingerprint import sample_key, tokenizer_fingerprint, weights_fingerprint
+from sstoken_trl.history.source import Collate, Forward, HistoryContext, HistorySource
+from sstoken_trl.scoring.layout import Layout, batch_layout
+from sstoken_trl.trl_internals import training_columns
 
 CACHED_LOG_PROBS = "sstoken_history_log_probs"
 FORMAT = "sstoken-loss-cache/1"
@@ -127,7 +130,7 @@ class LossCache:
 class CacheLookup:
     """Collate-function wrapper: adds the cached history log-probs of the batch under CACHED_LOG_PROBS."""
 
-    def __init__(self, collate_fn: Callable[[list], dict[str, Any]], cache: LossCache) -> None:
+    def __init__(self, collate_fn: Collate, cache: LossCache) -> None:
         self.collate_fn = collate_fn
         self.cache = cache
 
@@ -137,12 +140,17 @@ class CacheLookup:
         return batch
 
 
-class CacheHistory:
+class CacheHistory(HistorySource):
     """History source that reads the cached log-probs the collate function put into the batch."""
 
     def __init__(self, cache: LossCache, model_fingerprint: str) -> None:
         self.cache = cache
         self.model_fingerprint = model_fingerprint
+
+    @classmethod
+    def from_context(cls, context: HistoryContext) -> CacheHistory:
+        trainer = context.require_trainer("cache")
+        return open_cache(context.config.history_cache_dir, trainer, context.forward, context.resume_folder())
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
         """The cached log p_base on the batch's labelled target positions; no forward."""
@@ -151,8 +159,11 @@ class CacheHistory:
         trained = inputs["labels"][:, 1:] != IGNORE_INDEX  # zero off the labels, like the fused LM head's output
         return torch.where(trained, inputs[CACHED_LOG_PROBS], 0.0)
 
-    def wrap_collate(self, collate_fn: Callable[[list], dict[str, Any]]) -> CacheLookup:
+    def wrap_collate(self, collate_fn: Collate) -> CacheLookup:
         return CacheLookup(collate_fn, self.cache)
+
+    def strip_batch(self, inputs: dict[str, Any]) -> None:
+        inputs.pop(CACHED_LOG_PROBS, None)
 
     def save(self, folder: Path) -> None:
         (Path(folder) / RESUME_FILE).write_text(json.dumps({"model": self.model_fingerprint}))
@@ -163,8 +174,8 @@ def training_batches(trainer: Trainer) -> Iterator[dict[str, Any]]:
     dataset = trainer.train_dataset
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ValueError("history='cache' needs a map-style training dataset to pass over; got a streaming one.")
-    columns = getattr(trainer, "_signature_columns", None)
-    if trainer.args.remove_unused_columns and columns and hasattr(dataset, "select_columns"):
+    columns = training_columns(trainer)
+    if columns and hasattr(dataset, "select_columns"):
         dataset = dataset.select_columns([c for c in dataset.column_names if c in columns])
     collate, size = trainer.data_collator, trainer.args.per_device_eval_batch_size
     counts = getattr(collate, "counts", None)  # a collator's running totals must count training alone

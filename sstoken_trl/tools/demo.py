@@ -18,10 +18,11 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from sstoken_trl.collator import SSTokenCollator
-from sstoken_trl.tiny import ASSISTANT_TAG, USER_TAG, build_model, build_tokenizer
+from sstoken_trl.data.collator import SSTokenCollator
+from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.tools.tiny import build_model, build_tokenizer
 
-DATA_FILE = Path(__file__).resolve().parent / "data" / "demo.jsonl"
+DATA_FILE = Path(__file__).resolve().parent.parent / "data" / "demo.jsonl"
 DEMO_ROWS, DEMO_SEED = 480, 2026
 DEMO_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 DEMO_VOCAB = 640

@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from sstoken_trl.budget import selection_segments
-from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.layout import Layout
-from sstoken_trl.selection import combine, minmax_normalise, top_ratio
+from sstoken_trl.scoring.layout import Layout
+from sstoken_trl.selection.equations import combine, minmax_normalise, top_ratio
 
-Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+if TYPE_CHECKING:
+    from sstoken_trl.config import SSTokenConfig
+
+SelectorOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (score, keep, keep_by_rel)
 
 
 @dataclass
@@ -36,44 +38,44 @@ class Signals:
 
 def sstoken_select(
     config: SSTokenConfig, layout: Layout, rel_values: torch.Tensor, attn: torch.Tensor, gamma: float
-) -> Selection:
+) -> SelectorOutput:
     """ssToken (Eq. 3-11): Score = gamma * minmax(REL) + (1 - gamma) * AttnScore, top rho. Non-finite REL is dropped."""
     response = layout.response
     finite = response & rel_values.isfinite()
-    samples, num_samples = layout.sample_ids(), layout.num_samples
+    samples, num_samples = layout.sample_ids(), layout.sample_id_bound
     rel_norm = minmax_normalise(torch.nan_to_num(rel_values), samples, finite, num_samples)
     score = combine(rel_norm, attn, gamma)
-    segment, num_segments = selection_segments(layout, config.scope)
+    segment, num_segments = layout.segments(config.scope)
     keep = top_ratio(score, segment, finite, num_segments, config.select_ratio)
     keep_rel = top_ratio(rel_norm, segment, finite, num_segments, config.select_ratio)
     return score, keep, keep_rel
 
 
-def sstoken(config: SSTokenConfig, s: Signals) -> Selection:
+def sstoken(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     return sstoken_select(config, s.layout, s.rel, s.attn, s.gamma)
 
 
-def full(config: SSTokenConfig, s: Signals) -> Selection:
+def full(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     """Full-data SFT: every response token is kept."""
     response = s.layout.response
     return response.float(), response, response
 
 
-def uniform_random(config: SSTokenConfig, s: Signals) -> Selection:
+def uniform_random(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     """Random: a uniform draw ranks each sample's response tokens; top ceil(rho * n) kept. Seeded per micro-batch."""
     response = s.layout.response
     generator = torch.Generator(device=response.device).manual_seed(s.seed)
     score = torch.rand(response.shape, generator=generator, device=response.device)
-    segment, num_segments = selection_segments(s.layout, config.scope)
+    segment, num_segments = s.layout.segments(config.scope)
     keep = top_ratio(score, segment, response, num_segments, config.select_ratio)
     return torch.where(response, score, 0.0), keep, keep
 
 
-def rho1(config: SSTokenConfig, s: Signals) -> Selection:
+def rho1(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     """RHO-1: excess loss L_cur - L_ref = -(log p_cur - log p_ref) = -REL against the reference (history) model."""
     excess = -s.rel
     finite = s.layout.response & excess.isfinite()
-    segment, num_segments = selection_segments(s.layout, config.scope)
+    segment, num_segments = s.layout.segments(config.scope)
     keep = top_ratio(torch.nan_to_num(excess), segment, finite, num_segments, config.select_ratio)
     return torch.where(finite, excess, 0.0), keep, keep
 
@@ -88,7 +90,7 @@ def _always(gamma: float) -> bool:
 
 @dataclass(frozen=True)
 class Selector:
-    select: Callable[[SSTokenConfig, Signals], Selection]
+    select: Callable[[SSTokenConfig, Signals], SelectorOutput]
     needs_history: Callable[[float], bool]  # given this step's gamma
     needs_attention: Callable[[float], bool]
     keeps_all: bool = False

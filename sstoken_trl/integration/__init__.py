@@ -1,0 +1,1 @@
+"""The trainer integration: the callback and the selective forward it installs."""

@@ -1,0 +1,145 @@
+"""SSTokenCallback: wires ssToken selection onto an unmodified TRL SFTTrainer.
+
+At train start it checks the trainer's loss path, hooks the scoring layer, replaces the forward of the model
+that carries TRL's fused LM head with the selective forward, and wraps the train collator so that the
+trainer's token count is the kept-token count. Each optimizer step it checks that selection ran and adds
+its statistics to TRL's metrics (so they reach every logger). At train end everything is undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.history import HistoryContext, HistorySource, build_history
+from sstoken_trl.integration.selective_forward import STAT_NAMES, BatchSelection, SelectiveForward
+from sstoken_trl.scoring.hook import hook_scoring_layer
+from sstoken_trl.selection.budget import SelectionBudget
+from sstoken_trl.selection.selectors import budget_ratio, uses_history
+from sstoken_trl.trl_internals import (
+    append_metric,
+    check_fused_head,
+    check_loss_path,
+    checkpoint_folder,
+    collate_owner,
+    find_trainer,
+    fused_model,
+    set_metric,
+)
+
+
+class SSTokenCallback(TrainerCallback):
+    """Train on the tokens ssToken selects. Add to `SFTTrainer(callbacks=[...])`, or build it after the
+    trainer with `SSTokenCallback(config, trainer=trainer)` and `trainer.add_callback(...)`.
+
+    `history_model` (instance or path) is the history for `history="model"`. After training, or between
+    steps, `last_selection` holds the last micro-batch's selection for inspection.
+    """
+
+    def __init__(
+        self,
+        config: SSTokenConfig | None = None,
+        history_model: nn.Module | str | None = None,
+        trainer: Trainer | None = None,
+    ) -> None:
+        self.config = config or SSTokenConfig()
+        self.history_model = history_model if history_model is not None else self.config.history_model
+        if self.config.history == "model" and self.history_model is None:
+            raise ValueError("history='model' needs a history model: pass history_model=<path or model>.")
+        self.trainer: Trainer | None = None
+        self.selective_forward: SelectiveForward | None = None
+        self._undo: list[Callable[[], None]] = []
+        self._collate_fn = None
+        if trainer is not None:
+            self._attach(trainer)
+
+    @property
+    def last_selection(self) -> BatchSelection | None:
+        return self.selective_forward.last if self.selective_forward else None
+
+    @property
+    def history(self) -> HistorySource | None:
+        return self.selective_forward.history if self.selective_forward else None
+
+    def _attach(self, trainer: Trainer) -> None:
+        check_loss_path(trainer)
+        self.trainer = trainer
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer is None:
+            self._attach(find_trainer())
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # transformers re-enters its training loop without on_train_end (auto_find_batch_size after an
+        # out-of-memory error): undo the previous start first, so nothing is wrapped or hooked twice.
+        self._restore()
+        if self.trainer is None:
+            self._attach(find_trainer())
+        trainer = self.trainer
+        check_fused_head(trainer)
+        inner = fused_model(trainer.model)
+        hook = hook_scoring_layer(inner, self.config)
+        self._undo.append(hook.remove)
+        fused_forward = inner.forward
+        history = self._history(trainer, inner, fused_forward, state.global_step)
+        self.selective_forward = SelectiveForward(fused_forward, self.config, hook, history)
+        inner.forward = self.selective_forward
+        self._undo.append(lambda: vars(inner).__setitem__("forward", fused_forward))
+        owner = collate_owner(kwargs["train_dataloader"])
+        collate_fn = self._collate_fn = owner.collate_fn
+        budget = SelectionBudget(collate_fn, budget_ratio(self.config), self.config.scope)
+        owner.collate_fn = history.wrap_collate(budget) if history is not None else budget
+        self._undo.append(lambda: setattr(owner, "collate_fn", collate_fn))
+
+    def _history(self, trainer: Trainer, inner: nn.Module, forward: Any, global_step: int) -> HistorySource | None:
+        """The configured history source; None when the selector never uses one. Resumed runs restore its state."""
+        if not uses_history(self.config):
+            return None
+        context = HistoryContext(self.config, trainer.model, inner, forward, self.history_model, trainer, global_step)
+        return build_history(context)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.selective_forward.global_step = state.global_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        calls, stats = self.selective_forward.take_stats()
+        if calls == 0:
+            raise RuntimeError(
+                "No training batch went through ssToken selection in this optimizer step: the train data loader "
+                "or the model forward was replaced after training started."
+            )
+        trainer = self.trainer
+        stats = trainer.accelerator.reduce(stats, reduction="sum").tolist()
+        values = dict(zip(STAT_NAMES, stats, strict=True))
+        n, kept = max(values["response_tokens"], 1.0), max(values["kept_tokens"], 1.0)
+        append_metric(trainer, "sstoken/selected_fraction", values["kept_tokens"] / n)
+        append_metric(trainer, "sstoken/rel_mean", values["rel_sum"] / n)
+        append_metric(trainer, "sstoken/attn_score_mean", values["attn_score_sum"] / n)
+        append_metric(trainer, "sstoken/kept_by_attention_fraction", values["kept_by_attention"] / kept)
+        append_metric(trainer, "sstoken/nonfinite_rel_tokens", values["nonfinite_rel"])
+        # Running totals of a collator that counts bad or truncated samples (SSTokenCollator.counts).
+        for key, total in getattr(self._collate_fn, "counts", {}).items():
+            set_metric(trainer, f"sstoken/{key}", total)
+        if self.history is not None:
+            self.history.after_optimizer_step(state.global_step)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Store the history state (EMA weights, cache fingerprint) in the checkpoint just written."""
+        if args.should_save and self.history is not None:
+            self.history.save(checkpoint_folder(args, state))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Undo what on_train_begin did, last change first."""
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+
+
+__all__ = ["SSTokenCallback"]
