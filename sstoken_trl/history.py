@@ -2,7 +2,7 @@
 
 Every source returns log p_his(x_i | x<i) on target positions (B, T-1), computed under no_grad through TRL's
 fused LM head, so no full-vocabulary logits are kept.
-- BaseHistory ("base"): the trained model itself with its PEFT adapters disabled, i.e. the base model.
+- BaseHistory ("base"): the trained model itself with its PEFT adapters disabled, i.e. the base model, dropout off.
 - ModelHistory ("model"): a separate frozen model (full fine-tuning without PEFT).
 """
 
@@ -16,6 +16,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl.trainer.utils import add_fused_lm_head
 
+from sstoken_trl.hook import dropout_off
+
 Forward = Callable[..., Any]
 
 
@@ -24,7 +26,7 @@ class HistorySource(Protocol):
 
 
 class BaseHistory:
-    """The base model: the same weights with the PEFT adapters switched off."""
+    """The base model: the same weights with the PEFT adapters switched off, and dropout off (like every source)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, PeftModel):
@@ -36,7 +38,7 @@ class BaseHistory:
         self.peft_model = model
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
-        with torch.no_grad(), self.peft_model.disable_adapter():
+        with torch.no_grad(), dropout_off(self.peft_model), self.peft_model.disable_adapter():
             return forward(**inputs, fused_lm_head=True).log_probs
 
 
