@@ -88,6 +88,12 @@ class SSTokenCallback(TrainerCallback):
 
     def __init__(self, config: SSTokenConfig | None = None, history_model: nn.Module | str | None = None) -> None:
         self.config = config or SSTokenConfig()
+        if self.config.selector == "token_cleaning":
+            raise ValueError(
+                "selector='token_cleaning' cleans the labels once before training, not per batch: call "
+                "sstoken_trl.token_cleaning.clean_tokens(dataset, base_model, reference_model, select_ratio), then "
+                "train with SSTokenConfig(selector='full') (sstoken-train --sstoken_selector token_cleaning does both)."
+            )
         self.history_model = history_model if history_model is not None else self.config.history_model
         if self.config.history == "model" and self.history_model is None:
             raise ValueError("history='model' needs a history model: pass history_model=<path or model>.")

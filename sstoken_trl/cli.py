@@ -21,13 +21,16 @@ from sstoken_trl.callback import SSTokenCallback
 from sstoken_trl.collator import pretokenize
 from sstoken_trl.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.selectors import uses_history
+from sstoken_trl.token_cleaning import check_token_cleaning, clean_train_split
 
 SELECTION_PAGE = "selection.html"
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Raise on settings that cannot work together, before anything is loaded."""
-    if uses_history(recipe.sstoken) and recipe.sstoken.history == "base" and not recipe.model.use_peft:
+    if recipe.sstoken.selector == "token_cleaning":
+        check_token_cleaning(recipe.sstoken)
+    elif uses_history(recipe.sstoken) and recipe.sstoken.history == "base" and not recipe.model.use_peft:
         raise ValueError(
             "sstoken_history: base reads the base model by switching the LoRA adapters off, so it needs "
             "use_peft: true. For full fine-tuning use sstoken_history: model with sstoken_history_model: PATH."
@@ -101,7 +104,10 @@ def _train(recipe: Recipe) -> SFTTrainer:
     with training.main_process_first(desc="ssToken response spans"):
         train_set = response_labels(train_raw, tokenizer, recipe)
         eval_set = response_labels(eval_raw, tokenizer, recipe)
-    callback = SSTokenCallback(recipe.sstoken)
+    sstoken = recipe.sstoken
+    if sstoken.selector == "token_cleaning":  # labels cleaned once here, then plain SFT on them
+        train_set, sstoken = clean_train_split(train_set, model, sstoken, training)
+    callback = SSTokenCallback(sstoken)
     trainer = SFTTrainer(
         model=model,
         args=training,

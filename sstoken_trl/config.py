@@ -8,7 +8,7 @@ from typing import Any
 SCOPES = ("sample", "batch")
 ATTN_BACKENDS = ("sdpa", "eager")
 HISTORIES = ("base", "model", "ema", "cache")
-SELECTORS = ("sstoken", "full", "random", "rho1")
+SELECTORS = ("sstoken", "full", "random", "rho1", "token_cleaning")  # token_cleaning: sstoken_trl/token_cleaning.py
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
