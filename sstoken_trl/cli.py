@@ -59,7 +59,8 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
     from sstoken_trl.visualize import render_html, summarize
 
     selection = callback.last_selection
-    if selection is None:
+    if selection is None or recipe.sstoken.selector == "token_cleaning":  # cleaned before training: no batch selection
+        print(f"Adapter and tokenizer: {recipe.training.output_dir}")
         return
     page = Path(recipe.training.output_dir) / SELECTION_PAGE
     title = f"ssToken selection, last training batch: {recipe.model.model_name_or_path}"

@@ -95,7 +95,7 @@ def test_recipe_without_reference_is_refused(tmp_path):
         check_recipe(recipe)
 
 
-def test_cli_cleans_then_trains_only_on_kept_tokens(tmp_path):
+def test_cli_cleans_then_trains_only_on_kept_tokens(tmp_path, capsys):
     rows = prompt_completion_rows(24, seed=3)
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=200)
     for name, seed in (("base", 1), ("reference", 2)):
@@ -128,6 +128,7 @@ def test_cli_cleans_then_trains_only_on_kept_tokens(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     trainer = train(parse_recipe(["--config", str(path)]))
     assert trainer.state.global_step == 3
+    assert "TokenCleaning: kept 50.0% of the training set's response tokens" in capsys.readouterr().out
 
     base = build_model("llama", len(tokenizer), seed=1)
     reference = build_model("llama", len(tokenizer), seed=2)
