@@ -26,6 +26,7 @@ from datasets import Dataset
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTConfig
 from trl.trainer.utils import add_fused_lm_head
 
@@ -175,10 +176,22 @@ def clean_train_split(
     """sstoken-train with selector token_cleaning: clean the pretokenized train split against the reference model
     (`history_model`), then train plain SFT on it (the returned config's selector is "full")."""
     check_token_cleaning(config)
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "sstoken_selector: token_cleaning runs the base and reference models before training, which DeepSpeed "
+            "ZeRO-3 partitions at load. Clean the data first in a single process (sstoken_trl.token_cleaning."
+            "clean_tokens), save it, and train on it with sstoken_selector: full."
+        )
+    placed = getattr(model, "hf_device_map", None) is None and model.device != training.device
+    home = model.device
+    if placed:  # score on this process's accelerator; the trainer places the model itself afterwards
+        model.to(training.device)
     reference = load_reference(config.history_model, like=model)
     batch_size = training.per_device_eval_batch_size
     cleaned, kept = clean_tokens(train_set, model, reference, config.select_ratio, batch_size)
     del reference
+    if placed:
+        model.to(home)
     if training.process_index == 0:
         print(
             f"TokenCleaning: kept {kept:.1%} of the training set's response tokens (global top "
