@@ -8,7 +8,7 @@ from typing import Any
 
 from sstoken_trl.history import HISTORY_SOURCES
 from sstoken_trl.scoring.attn_score import BACKENDS
-from sstoken_trl.selection.selectors import SELECTORS
+from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, SELECTORS
 
 SCOPES = ("sample", "batch")
 
@@ -113,7 +113,7 @@ class SSTokenConfig:
         _one_of("scope", self.scope, SCOPES)
         _one_of("attn_backend", self.attn_backend, BACKENDS)
         _one_of("history", self.history, HISTORY_SOURCES)
-        _one_of("selector", self.selector, SELECTORS)
+        _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
 
     def layer_index(self, num_layers: int) -> int:
         """Resolve attn_layer against a model with num_layers decoder layers, or raise."""

@@ -9,6 +9,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from sstoken_trl.history import BaseHistory, ModelHistory
 from sstoken_trl.tools.tiny import build_model
+from tests.reference import token_log_probs
 
 
 def test_base_history_equals_a_separately_loaded_base_model(tmp_path):
@@ -28,3 +29,25 @@ def test_base_history_equals_a_separately_loaded_base_model(tmp_path):
         current = peft_model(**inputs, fused_lm_head=True).log_probs
     assert (current - his).abs().max() > 1e-3  # the adapters do change the model: history is not the current model
     assert not his.requires_grad
+
+
+def test_base_history_runs_without_dropout():
+    """A training-mode model with attention and LoRA dropout: the base log-probs are those of the dropout-free base."""
+    base = build_model("llama", 120, seed=5, attention_dropout=0.5)
+    add_fused_lm_head(base)
+    lora = LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(base, lora).train()
+    input_ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    history = BaseHistory(peft_model)
+    forward = peft_model.get_base_model().forward
+    first, second = history.log_probs(forward, inputs), history.log_probs(forward, inputs)
+    assert torch.equal(first, second)
+    assert peft_model.training and all(m.training for m in peft_model.modules())  # modes restored
+    plain = build_model("llama", 120, seed=5, attention_dropout=0.0).eval()  # independent: same weights, full logits
+    with torch.no_grad():
+        expected = token_log_probs(plain(input_ids=input_ids).logits, input_ids)
+    response = labels[:, 1:] != -100
+    torch.testing.assert_close(first[response], expected[response], atol=1e-5, rtol=0)

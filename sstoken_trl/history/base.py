@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from sstoken_trl.dropout import dropout_off
 from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
 
 
 class BaseHistory(HistorySource):
-    """The base model: the same weights with the PEFT adapters switched off."""
+    """The base model: the same weights with the PEFT adapters switched off, and dropout off (like every source)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, PeftModel):
@@ -27,5 +28,5 @@ class BaseHistory(HistorySource):
         return cls(context.model)
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
-        with torch.no_grad(), self.peft_model.disable_adapter():
+        with torch.no_grad(), dropout_off(self.peft_model), self.peft_model.disable_adapter():
             return forward(**inputs, fused_lm_head=True).log_probs

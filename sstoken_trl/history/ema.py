@@ -1,10 +1,12 @@
 """history="ema": the history model follows the trained weights, theta_his <- alpha * theta_his + (1 - alpha) * theta.
 
 That is the paper's Eq. 4, applied every `update_steps` optimizer steps to the trainable parameters only: with
-PEFT the adapters (memory = adapter size), without PEFT every weight (memory = model size, or host memory with
-`on_cpu`). theta_his starts at the weights training starts from. For a history forward the EMA weights are
-swapped into the model under no_grad with dropout off, then swapped back: a pointer swap when they share the
-parameters' device, a copy in and out when they live on the CPU.
+PEFT the adapters (memory = adapter size), without PEFT every weight (memory = model size in fp32, or host
+memory with `on_cpu`). theta_his starts at the weights training starts from and is kept in fp32 whatever the
+parameters' dtype: in bf16 an update of (1 - alpha) * (theta - theta_his) is mostly below the rounding step and
+would leave theta_his where it started. For a history forward the EMA weights are swapped into the model, in the
+parameters' own dtype, under no_grad with dropout off, then swapped back: a pointer swap for fp32 parameters on
+the shadow's device, a cast (or a copy in and out from the CPU) otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
 
 EMA_FILE = "sstoken_ema.safetensors"
 FORMAT = "sstoken-ema/1"
+SHADOW_DTYPE = torch.float32
 
 
 class EMAHistory(HistorySource):
@@ -35,7 +38,10 @@ class EMAHistory(HistorySource):
         if not self.params:
             raise ValueError("history='ema' averages the trained weights, but the model has no trainable parameter.")
         self.alpha, self.update_steps, self.on_cpu = alpha, update_steps, on_cpu
-        self.shadow = {name: p.detach().to("cpu" if on_cpu else p.device, copy=True) for name, p in self.params.items()}
+        self.shadow = {
+            name: p.detach().to("cpu" if on_cpu else p.device, dtype=SHADOW_DTYPE, copy=True)
+            for name, p in self.params.items()
+        }
         self.updated_at = 0  # optimizer step of the last update
 
     @classmethod
@@ -61,7 +67,7 @@ class EMAHistory(HistorySource):
             return
         for name, p in self.params.items():
             shadow = self.shadow[name]
-            shadow.lerp_(p.detach().to(shadow.device), 1.0 - self.alpha)
+            shadow.lerp_(p.detach().to(shadow.device, dtype=shadow.dtype), 1.0 - self.alpha)
         self.updated_at = global_step
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
@@ -71,7 +77,7 @@ class EMAHistory(HistorySource):
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """The model carries theta_his inside the block and its own weights again after it."""
+        """The model carries theta_his (in its own dtype) inside the block and its own weights again after it."""
         if self.on_cpu:
             held = {}
             for name, p in self.params.items():
@@ -83,15 +89,14 @@ class EMAHistory(HistorySource):
                 for name, p in self.params.items():
                     p.data.copy_(held[name])
             return
-        self._swap()
+        held = {name: p.data for name, p in self.params.items()}
+        for name, p in self.params.items():
+            p.data = self.shadow[name].to(p.dtype)  # the shadow itself when the parameter is fp32
         try:
             yield
         finally:
-            self._swap()
-
-    def _swap(self) -> None:
-        for name, p in self.params.items():
-            p.data, self.shadow[name] = self.shadow[name], p.data
+            for name, p in self.params.items():
+                p.data = held[name]
 
     def save(self, folder: Path) -> None:
         """Write theta_his into a checkpoint folder (safetensors)."""

@@ -19,7 +19,7 @@ from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.selective_forward import STAT_NAMES, BatchSelection, SelectiveForward
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import SelectionBudget
-from sstoken_trl.selection.selectors import budget_ratio, uses_history
+from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, budget_ratio, uses_history
 from sstoken_trl.trl_internals import (
     append_metric,
     check_fused_head,
@@ -47,6 +47,13 @@ class SSTokenCallback(TrainerCallback):
         trainer: Trainer | None = None,
     ) -> None:
         self.config = config or SSTokenConfig()
+        if self.config.selector in OFFLINE_SELECTORS:
+            raise ValueError(
+                "selector='token_cleaning' cleans the labels once before training, not per batch: call "
+                "sstoken_trl.selection.token_cleaning.clean_tokens(dataset, base_model, reference_model, "
+                "select_ratio), then train with SSTokenConfig(selector='full') (sstoken-train "
+                "--sstoken_selector token_cleaning does both)."
+            )
         self.history_model = history_model if history_model is not None else self.config.history_model
         if self.config.history == "model" and self.history_model is None:
             raise ValueError("history='model' needs a history model: pass history_model=<path or model>.")

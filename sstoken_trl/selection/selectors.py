@@ -104,6 +104,9 @@ SELECTORS: dict[str, Selector] = {
 }
 
 
+OFFLINE_SELECTORS = ("token_cleaning",)  # select once before training (token_cleaning.py), then train "full"
+
+
 def get_selector(name: str) -> Selector:
     if name not in SELECTORS:
         raise ValueError(f"Unknown selector {name!r}; choose one of {', '.join(map(repr, SELECTORS))}.")

@@ -19,6 +19,7 @@ from trl import SFTTrainer, get_peft_config
 from sstoken_trl.data.collator import pretokenize
 from sstoken_trl.integration.callback import SSTokenCallback
 from sstoken_trl.selection.selectors import uses_history
+from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
 from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
@@ -28,7 +29,9 @@ SELECTION_PAGE = "selection.html"
 
 def check_recipe(recipe: Recipe) -> None:
     """Raise on settings that cannot work together, before anything is loaded."""
-    if uses_history(recipe.sstoken) and recipe.sstoken.history == "base" and not recipe.model.use_peft:
+    if recipe.sstoken.selector == "token_cleaning":
+        check_token_cleaning(recipe.sstoken)
+    elif uses_history(recipe.sstoken) and recipe.sstoken.history == "base" and not recipe.model.use_peft:
         raise ValueError(
             "sstoken_history: base reads the base model by switching the LoRA adapters off, so it needs "
             "use_peft: true. For full fine-tuning use sstoken_history: model with sstoken_history_model: PATH."
@@ -55,7 +58,8 @@ def response_labels(dataset: Dataset | None, tokenizer: PreTrainedTokenizerBase,
 def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
     """Print what the last micro-batch selected and write it as an HTML page into output_dir."""
     selection = callback.last_selection
-    if selection is None:
+    if selection is None or recipe.sstoken.selector == "token_cleaning":  # cleaned before training: no batch selection
+        print(f"Adapter and tokenizer: {recipe.training.output_dir}")
         return
     page = Path(recipe.training.output_dir) / SELECTION_PAGE
     title = f"ssToken selection, last training batch: {recipe.model.model_name_or_path}"
@@ -105,7 +109,10 @@ def _train(recipe: Recipe) -> SFTTrainer:
     with training.main_process_first(desc="ssToken response spans"):
         train_set = response_labels(train_raw, tokenizer, recipe)
         eval_set = response_labels(eval_raw, tokenizer, recipe)
-    callback = SSTokenCallback(recipe.sstoken)
+    sstoken = recipe.sstoken
+    if sstoken.selector == "token_cleaning":  # labels cleaned once here, then plain SFT on them
+        train_set, sstoken = clean_train_split(train_set, model, sstoken, training)
+    callback = SSTokenCallback(sstoken)
     trainer = SFTTrainer(
         model=model,
         args=training,
