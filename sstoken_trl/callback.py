@@ -21,6 +21,7 @@ from sstoken_trl.cache import CacheHistory, open_cache
 from sstoken_trl.checkpoint import checkpoint_folder, resume_checkpoint
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.ema import EMAHistory
+from sstoken_trl.guards import check_runtime
 from sstoken_trl.history import BaseHistory, Forward, HistorySource, ModelHistory
 from sstoken_trl.hook import hook_scoring_layer
 from sstoken_trl.selectors import budget_ratio, uses_history
@@ -103,11 +104,13 @@ class SSTokenCallback(TrainerCallback):
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer = find_trainer()
         check_loss_path(self.trainer)
+        check_runtime(self.trainer, self.config)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any) -> None:
         trainer = self.trainer or find_trainer()
         self.trainer = trainer
         check_loss_path(trainer)
+        check_runtime(trainer, self.config)
         check_fused_head(trainer)
         inner = fused_model(trainer.model)
         hook = hook_scoring_layer(inner, self.config)
