@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="every part at tiny size on CPU")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --dry-run")
-    p.add_argument("--time-limit", type=float, default=480.0, help="seconds; the command stops by then")
+    p.add_argument("--time-limit", type=float, default=450.0, help="seconds after start-up; stops by then")
     p.add_argument("--out", default="benchmarks/results/gpu_check.json")
     return p.parse_args(argv)
 
@@ -104,6 +104,7 @@ def run_part(report: Report, name: str, deadline: float, budget: float, fn: Call
         report.add([row(name, "-", "skipped", f"time guard: {left:.0f} s left, the part needs up to {budget:.0f} s")])
         return
     t0 = time.monotonic()
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else None  # left over by earlier parts
     try:
         rows = fn()
     except Exception as err:  # one part's failure (out of memory, a missing kernel) must not lose the others
@@ -113,7 +114,7 @@ def run_part(report: Report, name: str, deadline: float, budget: float, fn: Call
             row(name, "-", "error", f"{type(err).__name__}: {message} ({Path(where.filename).name}:{where.lineno})")
         ]
     for r in rows:
-        r["part_seconds"] = round(time.monotonic() - t0, 1)
+        r["part_seconds"], r["allocated_bytes_before"] = round(time.monotonic() - t0, 1), before
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -86,3 +88,13 @@ def test_time_guard_stops_the_command_and_keeps_the_rows(tmp_path):
     assert done.returncode == 124, done.stderr[-2000:]
     assert "time guard: stopped after 1 s" in done.stdout
     assert json.loads(out.read_text())["timed_out"].startswith("stopped by the time guard")
+
+
+def test_readme_names_the_command_and_its_defaults():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = re.findall(r"python -m benchmarks\.gpu_check(.*?)(?:`|$)", readme, flags=re.MULTILINE)
+    assert lines
+    for extra in lines:
+        gpu_check.parse_args(shlex.split(extra))
+    defaults = gpu_check.parse_args([])
+    assert f"default `{defaults.out}`" in readme and f"({defaults.time_limit:.0f} s after start-up)" in readme
