@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from benchmarks import gpu_parts
-from benchmarks.gpu_parts import ROW_FIELDS, Sizes, row
+from benchmarks.gpu_parts import PACKED, ROW_FIELDS, Sizes, error_row, guarded, row
 from benchmarks.score_parity import run_parity
 from benchmarks.step_cost import SHAPES
 from benchmarks.step_report import machine
@@ -108,11 +107,7 @@ def run_part(report: Report, name: str, deadline: float, budget: float, fn: Call
     try:
         rows = fn()
     except Exception as err:  # one part's failure (out of memory, a missing kernel) must not lose the others
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        message = (str(err).splitlines() or [""])[0][:300]
-        rows = [
-            row(name, "-", "error", f"{type(err).__name__}: {message} ({Path(where.filename).name}:{where.lineno})")
-        ]
+        rows = [error_row(name, "-", err)]
     for r in rows:
         r["part_seconds"], r["allocated_bytes_before"] = round(time.monotonic() - t0, 1), before
     gc.collect()
@@ -164,14 +159,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = step_cost(False)
         return rows + gpu_parts.checkpointing_rows(measured.get("on", {}), measured["off"])
 
+    def parity() -> list[dict]:
+        return run_parity(sizes.attention, sizes.batch, sizes.seq_len, device, dtype, sizes.parity_tolerance)
+
+    def padding_free() -> list[dict]:
+        cases = ("sdpa", "flash_attention_2")
+        return [guarded(PACKED, a, lambda a=a: gpu_parts.padding_free(sizes, device, a)) for a in cases]
+
     parts = [
         ("step cost", lambda: step_cost(True)),
-        (
-            "score parity",
-            lambda: run_parity(sizes.attention, sizes.batch, sizes.seq_len, device, dtype, sizes.parity_tolerance),
-        ),  # fmt: skip
+        ("score parity", parity),
         ("qlora", lambda: gpu_parts.qlora(sizes, device)),
-        ("padding-free", lambda: [gpu_parts.padding_free(sizes, device, a) for a in ("sdpa", "flash_attention_2")]),
+        ("padding-free", padding_free),
         ("checkpointing off", checkpointing),
     ]
     for name, fn in parts:

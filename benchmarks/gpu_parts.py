@@ -12,6 +12,8 @@ import importlib.util
 import statistics
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from benchmarks.variants import Seat, make_trainers
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.tiny import build_tokenizer
 
+PACKED = "padding-free (packing)"
 ROW_FIELDS = ("part", "case", "status", "step_s", "time_ratio", "peak_bytes", "peak_ratio", "detail")
 
 
@@ -36,6 +39,21 @@ def row(part: str, case: str, status: str, detail: str = "", **metrics: Any) -> 
     """One line of the acceptance table; every row has ROW_FIELDS (None where a part measures nothing)."""
     base = dict.fromkeys(ROW_FIELDS)
     return base | {"part": part, "case": case, "status": status, "detail": detail} | metrics
+
+
+def error_row(part: str, case: str, err: BaseException) -> dict[str, Any]:
+    """The row of a part or case that raised: the error's type, first line and where it was raised."""
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    message = (str(err).splitlines() or [""])[0][:300]
+    return row(part, case, "error", f"{type(err).__name__}: {message} ({Path(where.filename).name}:{where.lineno})")
+
+
+def guarded(part: str, case: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn's row, or an error row: one case's failure must not lose the part's other cases."""
+    try:
+        return fn()
+    except Exception as err:
+        return error_row(part, case, err)
 
 
 @dataclass
@@ -202,7 +220,7 @@ def packed_rows(n: int, seq_len: int, vocab: int) -> Dataset:
 
 def padding_free(sizes: Sizes, device: torch.device, attn_implementation: str, gc: bool = True) -> dict[str, Any]:
     """ssToken on packed, padding-free batches (TRL packing, BFD) with the given training attention."""
-    part, case = "padding-free (packing)", attn_implementation
+    part, case = PACKED, attn_implementation
     if attn_implementation.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
         return row(part, case, "not installed", "flash-attn is not installed (pip install flash-attn)")
     cuda = device.type == "cuda"

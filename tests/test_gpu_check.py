@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_check
-from benchmarks.gpu_parts import ROW_FIELDS
+from benchmarks.gpu_parts import ROW_FIELDS, guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["sft", "online", "cached"]
@@ -78,6 +78,9 @@ def test_a_failing_part_becomes_an_error_row_and_a_late_part_is_skipped(tmp_path
     assert [(r["part"], r["status"]) for r in rows] == [("broken", "error"), ("late", "skipped"), ("fine", "ok")]
     assert "OutOfMemoryError: CUDA out of memory" in rows[0]["detail"] and "test_gpu_check.py" in rows[0]["detail"]
     assert "time guard" in rows[1]["detail"]
+    # Within a part, one failing case (e.g. flash-attn that imports but has no kernel) keeps the other cases.
+    case = guarded("padding-free (packing)", "flash_attention_2", broken)
+    assert case["status"] == "error" and set(ROW_FIELDS) <= case.keys()
 
 
 def test_time_guard_stops_the_command_and_keeps_the_rows(tmp_path):
