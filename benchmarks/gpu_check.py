@@ -50,7 +50,8 @@ DRY = Sizes(
     steps=1, warmup=1, attention=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     parity_tolerance=1e-4,
 )  # fmt: skip
-# Seconds each part needs at most on an H200 (measured parts take about half): a part starts only if it fits.
+# Seconds allowed per part on an H200, estimated from the anchor figures (not yet measured): a part starts only
+# if it fits in the time left.
 BUDGET = {"step cost": 150, "score parity": 40, "qlora": 90, "padding-free": 60, "checkpointing off": 90}
 
 
