@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistoryContext, HistorySource, build_history
+from sstoken_trl.integration.guards import check_runtime
 from sstoken_trl.integration.selective_forward import STAT_NAMES, BatchSelection, SelectiveForward
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import SelectionBudget
@@ -74,6 +75,7 @@ class SSTokenCallback(TrainerCallback):
 
     def _attach(self, trainer: Trainer) -> None:
         check_loss_path(trainer)
+        check_runtime(trainer, self.config)
         self.trainer = trainer
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -1,0 +1,252 @@
+"""The trained parts of the GPU acceptance check: step cost, QLoRA, padding-free with FlashAttention-2.
+
+Step cost and QLoRA reuse the step-cost benchmark's alternation (benchmarks/alternate.py, variants.py): the
+variants take real SFTTrainer steps in turn on one shared LoRA model. Padding-free runs are one SFTTrainer each,
+timed step by step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from benchmarks.alternate import MemoryProbe, TurnCallback, run_alternating, synchronize
+from benchmarks.step_cost import LLAMA, build_model, random_rows
+from benchmarks.step_report import summarise, targets
+from benchmarks.variants import Seat, make_trainers
+from sstoken_trl import SSTokenCallback, SSTokenConfig
+from sstoken_trl.tools.tiny import build_tokenizer
+
+PACKED = "padding-free (packing)"
+ROW_FIELDS = ("part", "case", "status", "step_s", "time_ratio", "peak_bytes", "peak_ratio", "detail")
+
+
+def row(part: str, case: str, status: str, detail: str = "", **metrics: Any) -> dict[str, Any]:
+    """One line of the acceptance table; every row has ROW_FIELDS (None where a part measures nothing)."""
+    base = dict.fromkeys(ROW_FIELDS)
+    return base | {"part": part, "case": case, "status": status, "detail": detail} | metrics
+
+
+def error_row(part: str, case: str, err: BaseException) -> dict[str, Any]:
+    """The row of a part or case that raised: the error's type, first line and where it was raised."""
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    message = (str(err).splitlines() or [""])[0][:300]
+    return row(part, case, "error", f"{type(err).__name__}: {message} ({Path(where.filename).name}:{where.lineno})")
+
+
+def guarded(part: str, case: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn's row, or an error row: one case's failure must not lose the part's other cases."""
+    try:
+        return fn()
+    except Exception as err:
+        return error_row(part, case, err)
+
+
+@dataclass
+class Sizes:
+    """Model shapes and batch sizes of one run of the check (the GPU sizes, or tiny ones for --dry-run)."""
+
+    shape: dict[str, Any]  # step cost (step_cost.SHAPES entry)
+    small_shape: dict[str, Any]  # QLoRA and padding-free
+    batch: int
+    seq_len: int
+    prompt_len: int
+    lora_r: int
+    steps: int
+    warmup: int
+    attention: dict[str, int]  # attention shape of the score-parity model
+    parity_tolerance: float
+
+
+def tokenizer() -> Any:
+    return build_tokenizer(["benchmark rows are random token ids"], vocab_size=300)
+
+
+def alternate(model: Any, variants: list[str], sizes: Sizes, device: torch.device, gc: bool) -> dict[str, dict]:
+    """Step-cost statistics of `variants` trained in turn on `model` (step_report.summarise, errors included)."""
+    args = argparse.Namespace(
+        variants=",".join(variants), warmup=sizes.warmup, steps=sizes.steps, batch=sizes.batch,
+        gradient_checkpointing=gc, select_ratio=0.6, gamma=0.5,
+    )  # fmt: skip
+    vocab = model.get_base_model().config.vocab_size
+    dataset = random_rows((sizes.warmup + sizes.steps) * sizes.batch, sizes.seq_len, sizes.prompt_len, vocab)
+    with tempfile.TemporaryDirectory(prefix="sstoken-gpu-check-") as tmp:
+        trainers, instruments = make_trainers(args, model, tokenizer(), dataset, device, tmp)
+        inner = model.get_base_model()
+        pristine = vars(inner)["forward"]
+        turns = {}
+        for name, trainer in trainers.items():
+            attn = "eager" if name == "output_attentions" else "sdpa"
+            turns[name] = TurnCallback(name, device, on_turn=Seat(inner, pristine, attn))
+            turns[name].step_extras = instruments[name].take
+            trainer.add_callback(turns[name])
+        errors = run_alternating(trainers, turns)
+    results = summarise(turns, sizes.warmup)
+    for name, err in errors.items():
+        results[name]["error"] = err
+    return results
+
+
+def variant_rows(part: str, results: dict[str, dict]) -> list[dict[str, Any]]:
+    out = []
+    for name, r in results.items():
+        if "error" in r or not r.get("steps"):
+            out.append(row(part, name, "error", r.get("error", "no timed steps")))
+            continue
+        detail = f"{r['steps']} steps"
+        if r["score_s"]:
+            detail += f"; scoring {100 * r['score_share_of_step']:.2f}% of the step"
+        if r["history_s"]:
+            detail += f"; history forward {r['history_ratio']['median']:.3f} of an sft step"
+        out.append(
+            row(part, name, "ok", detail, step_s=r["step_s"]["median"], time_ratio=r["time_ratio"]["median"],
+                peak_bytes=r["peak_bytes"], peak_ratio=r["peak_ratio"], score_share=r["score_share_of_step"],
+                history_ratio=r["history_ratio"]["median"] if r["history_s"] else None)
+        )  # fmt: skip
+    return out
+
+
+def target_rows(part: str, results: dict[str, dict]) -> list[dict[str, Any]]:
+    out = []
+    for label, t in targets(results).items():
+        status = "n/a" if t["met"] is None else ("met" if t["met"] else "missed")
+        value = "-" if t["value"] is None else f"{t['value']:.4f}"
+        out.append(row(part, label, status, f"measured {value}, limit {t['limit']}", value=t["value"]))
+    return out
+
+
+def step_cost(sizes: Sizes, device: torch.device, gc: bool) -> tuple[list[dict[str, Any]], dict[str, dict]]:
+    """Rows of the step-cost variants and the targets; with gradient checkpointing off, no output_attentions."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(sizes.shape, device, dtype, sizes.lora_r, sizes.seq_len)
+    variants = ["sft", "online", "cached"] + (["output_attentions"] if gc else [])
+    results = alternate(model, variants, sizes, device, gc)
+    part = f"step cost, checkpointing {'on' if gc else 'off'}"
+    return variant_rows(part, results) + target_rows(
+        f"targets, checkpointing {'on' if gc else 'off'}", results
+    ), results
+
+
+def checkpointing_rows(on: dict[str, dict], off: dict[str, dict]) -> list[dict[str, Any]]:
+    """Gradient checkpointing on against off, per variant measured both ways."""
+    out = []
+    for name in ("sft", "online", "cached"):
+        a, b = on.get(name, {}), off.get(name, {})
+        if not a.get("steps") or not b.get("steps"):
+            out.append(row("gradient checkpointing", name, "error", "not measured both ways"))
+            continue
+        t, p = a["step_s"]["median"] / b["step_s"]["median"], a["peak_bytes"] / b["peak_bytes"]
+        out.append(
+            row("gradient checkpointing", name, "ok", f"on / off: step time {t:.3f}x, peak memory {p:.3f}x",
+                step_s=a["step_s"]["median"], time_ratio=t, peak_bytes=a["peak_bytes"], peak_ratio=p)
+        )  # fmt: skip
+    return out
+
+
+def qlora(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    """4-bit NF4 base + LoRA, gradient checkpointing on: plain QLoRA against ssToken with the 4-bit base as history."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [row("qlora", "nf4", "not installed", "bitsandbytes is not installed")]
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = AutoConfig.for_model("llama", **LLAMA, **sizes.small_shape["model"])
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    with tempfile.TemporaryDirectory(prefix="sstoken-qlora-") as tmp:
+        torch.manual_seed(0)
+        with device:
+            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
+        where = {"": device.index or 0} if device.type == "cuda" else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=nf4, device_map=where, dtype=dtype, attn_implementation="sdpa"
+        )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(
+        r=sizes.lora_r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    results = alternate(get_peft_model(model, lora), ["sft", "online"], sizes, device, gc=True)
+    rows = variant_rows("qlora", results)
+    for r, name in zip(rows, ("plain QLoRA", "ssToken, history = 4-bit base"), strict=True):
+        r["case"] = name
+    return rows
+
+
+class StepTimer(TrainerCallback):
+    """Seconds and peak memory of each optimizer step (on_step_begin to on_step_end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.probe = device, MemoryProbe(device)
+        self.seconds: list[float] = []
+        self.peaks: list[int] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        synchronize(self.device)
+        self.probe.start()
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - self.t0)
+        self.peaks.append(self.probe.peak())
+
+
+def packed_rows(n: int, seq_len: int, vocab: int) -> Dataset:
+    """Samples of 1/8 to 1/2 of seq_len tokens, the first quarter prompt: packing puts several in a row."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(seq_len // 8, seq_len // 2 + 1, (1,), generator=g))
+        ids = torch.randint(5, vocab, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 4) + ids[length // 4 :]})
+    return Dataset.from_list(rows)
+
+
+def padding_free(sizes: Sizes, device: torch.device, attn_implementation: str, gc: bool = True) -> dict[str, Any]:
+    """ssToken on packed, padding-free batches (TRL packing, BFD) with the given training attention."""
+    part, case = PACKED, attn_implementation
+    if attn_implementation.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        return row(part, case, "not installed", "flash-attn is not installed (pip install flash-attn)")
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = build_model(sizes.small_shape, device, dtype, sizes.lora_r, sizes.seq_len)
+    model.get_base_model().set_attn_implementation(attn_implementation)
+    steps = sizes.warmup + sizes.steps
+    dataset = packed_rows(6 * steps * sizes.batch, sizes.seq_len, model.get_base_model().config.vocab_size)
+    timer = StepTimer(device)
+    with tempfile.TemporaryDirectory(prefix="sstoken-packed-") as tmp:
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(
+                output_dir=str(Path(tmp) / "out"), max_steps=steps, per_device_train_batch_size=sizes.batch,
+                learning_rate=1e-4, packing=True, max_length=sizes.seq_len, logging_steps=1, save_strategy="no",
+                report_to=[], use_cpu=not cuda, bf16=cuda, gradient_checkpointing=gc, disable_tqdm=True, seed=0,
+            ),
+            train_dataset=dataset,
+            processing_class=tokenizer(),
+            callbacks=[SSTokenCallback(SSTokenConfig()), timer],
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    logs = [log for log in trainer.state.log_history if "sstoken/selected_fraction" in log]
+    fraction = statistics.mean(log["sstoken/selected_fraction"] for log in logs)
+    timed = timer.seconds[sizes.warmup :] or timer.seconds
+    detail = f"{len(timed)} steps of {sizes.batch} packed rows x {sizes.seq_len}; selected fraction {fraction:.3f}"
+    return row(part, case, "ok", detail, step_s=statistics.median(timed), peak_bytes=max(timer.peaks),
+               selected_fraction=fraction)  # fmt: skip
