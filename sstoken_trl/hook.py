@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sstoken_trl.adapters import AttnAdapter, get_adapter
+from sstoken_trl.adapters import AttnAdapter, attention_modules, get_adapter
+from sstoken_trl.adapters.dispatch import record_attn_call
 from sstoken_trl.attn_score import BACKENDS
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.layout import Layout
@@ -45,6 +46,7 @@ class AttnScoreHook:
         self.score_fn = BACKENDS[backend]
         self._layout: Layout | None = None
         self._score: torch.Tensor | None = None
+        self.last_window: int | None = None  # the sliding window the last scored call passed (None: global layer)
         self._handle = attn_module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def arm(self, layout: Layout) -> None:
@@ -65,15 +67,14 @@ class AttnScoreHook:
         if self._layout is None:
             return
         layout, self._layout = self._layout, None
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         with torch.no_grad(), dropout_off(module):
-            q, k = self.adapter.query_key(module, hidden_states, position_embeddings)
-            self._score = self.score_fn(q, k, layout, module.scaling, self.adapter.sliding_window(module))
+            call = record_attn_call(module, args, kwargs)
+            self._score = self.score_fn(call, layout)
+        self.last_window = call.sliding_window
 
 
 def hook_scoring_layer(model: nn.Module, config: SSTokenConfig) -> AttnScoreHook:
     """Hook the attention module of decoder layer `config.attn_layer` of a causal LM (the one under PEFT)."""
     adapter = get_adapter(model.config.model_type)
-    layers = model.get_decoder().layers
-    return AttnScoreHook(layers[config.layer_index(len(layers))].self_attn, adapter, config.attn_backend)
+    modules = attention_modules(model)
+    return AttnScoreHook(modules[config.layer_index(len(modules))], adapter, config.attn_backend)
