@@ -91,7 +91,8 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     score_time = time.perf_counter() - start
     score_memory = _peak() - before
     hook.remove()
-    del score, captured
+    del score
+    captured.clear()
     row = dict(seq_len=seq_len, score_mib=score_memory / 2**20, score_s=score_time, measured_step=with_step)
     if not with_step:
         return row
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for seq_len in args.seq_lens:
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.score_scaling", "--child", str(seq_len), "--step-max", str(args.step_max)],
+            [sys.executable, "-m", "benchmarks.score_scaling", "--child", str(seq_len)]
+            + ["--step-max", str(args.step_max)],
             check=True,
             capture_output=True,
             text=True,
