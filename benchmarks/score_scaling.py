@@ -6,8 +6,9 @@
 Each T runs in a fresh subprocess (one torch thread) on a small LLaMA (hidden 256, 2 layers, 8 query / 4 key-value
 heads of 32, vocab 4096, LoRA r16, gradient checkpointing), one row of T tokens, 10% prompt. Memory is the peak
 resident set above the resident set just before (Linux VmHWM, reset through /proc/self/clear_refs):
-- scoring: the hook's whole work at the last layer (q / k / v recompute through the attention registry, then the
-  per-document fused score), as in training;
+- scoring: the per-document fused score at the last layer from the q and k the training forward already holds
+  (the default path); "with recompute": the hook's whole work when dropout inside the layer is active (q / k / v
+  recomputed under no_grad up to the attention call, then the score);
 - step: one training forward + backward through TRL's fused LM head (no scoring), the step's own extra memory.
 """
 
@@ -57,6 +58,8 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     from trl.trainer.utils import add_fused_lm_head
 
     from sstoken_trl.adapters import attention_modules, get_adapter
+    from sstoken_trl.adapters.dispatch import record_attn_call
+    from sstoken_trl.attn_score import attn_score_sdpa
     from sstoken_trl.hook import AttnScoreHook
     from sstoken_trl.layout import batch_layout
 
@@ -82,18 +85,38 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     grab.remove()
     hook = AttnScoreHook(attn, get_adapter("llama"), "sdpa")
 
+    # Default path (no active dropout in the layer): the score reads q and k off the training forward's own call.
+    calls = []
+    with torch.no_grad():
+        record_attn_call(attn, captured["args"], captured["kwargs"], calls.append)
+    before = _rss()
+    _reset_peak()
+    start = time.perf_counter()
+    score = attn_score_sdpa(calls[0], layout)
+    score_time = time.perf_counter() - start
+    score_memory = _peak() - before
+    del score, calls
+
+    # With active dropout (e.g. LoRA dropout) the hook recomputes q, k (and v) of the layer first.
+    hook.always_recompute = True
     before = _rss()
     _reset_peak()
     start = time.perf_counter()
     hook.arm(layout)
     hook._pre_forward(attn, captured["args"], captured["kwargs"])
-    score = hook.take()
-    score_time = time.perf_counter() - start
-    score_memory = _peak() - before
+    hook.take()
+    recompute_time = time.perf_counter() - start
+    recompute_memory = _peak() - before
     hook.remove()
-    del score
     captured.clear()
-    row = dict(seq_len=seq_len, score_mib=score_memory / 2**20, score_s=score_time, measured_step=with_step)
+    row = dict(
+        seq_len=seq_len,
+        score_mib=score_memory / 2**20,
+        score_s=score_time,
+        recompute_mib=recompute_memory / 2**20,
+        recompute_s=recompute_time,
+        measured_step=with_step,
+    )
     if not with_step:
         return row
 
@@ -108,8 +131,9 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
 
 def table(rows: list[dict[str, float]]) -> str:
     lines = [
-        "| T | scoring extra MiB | bytes / token | scoring s | step extra MiB | step s | scoring / step memory |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| T | scoring extra MiB | bytes / token | scoring s | with recompute: MiB | s | step extra MiB | step s "
+        "| scoring / step memory | with recompute |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         per_token = r["score_mib"] * 2**20 / r["seq_len"]
@@ -117,7 +141,9 @@ def table(rows: list[dict[str, float]]) -> str:
         step_s = f"{r['step_s']:.1f}" if r["measured_step"] else "-"
         lines.append(
             f"| {r['seq_len']} | {r['score_mib']:.1f} | {per_token:.0f} | {r['score_s']:.2f} | "
-            f"{mark}{r['step_mib']:.0f} | {step_s} | {mark}{100 * r['score_mib'] / r['step_mib']:.2f}% |"
+            f"{r['recompute_mib']:.1f} | {r['recompute_s']:.2f} | {mark}{r['step_mib']:.0f} | {step_s} | "
+            f"{mark}{100 * r['score_mib'] / r['step_mib']:.2f}% | "
+            f"{mark}{100 * r['recompute_mib'] / r['step_mib']:.2f}% |"
         )
     return "\n".join(lines)
 

@@ -33,9 +33,18 @@ def eager_reference(model_type: str, inputs: dict, labels: torch.Tensor, layer: 
     return (out.attentions[layer] * layout.prompt[:, None, None, :]).sum(-1).mean(1)
 
 
-def hooked(model_type: str, inputs: dict, labels: torch.Tensor, layer: int, backend: str, impl: str = "sdpa"):
+def hooked(
+    model_type: str,
+    inputs: dict,
+    labels: torch.Tensor,
+    layer: int,
+    backend: str,
+    impl: str = "sdpa",
+    recompute: bool = False,
+):
     m = model(model_type, impl)
     hook = AttnScoreHook(attention_modules(m)[layer], get_adapter(model_type), backend)
+    hook.always_recompute = recompute
     layout = batch_layout(labels, inputs.get("attention_mask"), inputs.get("position_ids"))
     hook.arm(layout)
     try:
@@ -65,6 +74,33 @@ def test_family_score_matches_eager_output_attentions(model_type, layout_name, b
         if window is None:  # every real query sees its document's first (prompt) token
             assert (score[layout.real] > 0).all()
         assert window == windows[layer]  # the adapter's layer kinds are what the layer really passes
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_recompute_path_scores_the_same(model_type):
+    # The path taken when dropout inside the layer is active: a no-grad recompute stopped at the attention call.
+    inputs, labels = make_batch("left")
+    for layer in (0, 1):
+        score, layout, _ = hooked(model_type, inputs, labels, layer, "sdpa", recompute=True)
+        expected = eager_reference(model_type, inputs, labels, layer)
+        torch.testing.assert_close(score * layout.real, expected * layout.real, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_moe"])
+def test_scoring_in_the_training_forward_leaves_its_output_and_config_alone(model_type):
+    inputs, labels = make_batch("packed")
+    m = model(model_type, "sdpa")
+    with torch.no_grad():
+        plain = m(**inputs, use_cache=False).logits
+    attn = attention_modules(m)[1]
+    hook = AttnScoreHook(attn, get_adapter(model_type), "sdpa")
+    hook.arm(batch_layout(labels, None, inputs["position_ids"]))
+    with torch.no_grad():
+        scored = m(**inputs, use_cache=False).logits
+    hook.take()
+    hook.remove()
+    assert torch.equal(plain, scored)
+    assert attn.config is m.config
 
 
 def test_windows_and_softcap_are_exercised():
