@@ -15,6 +15,7 @@ resident set above the resident set just before (Linux VmHWM, reset through /pro
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -39,9 +40,12 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak() -> None:
+def _start() -> int:
+    """Collect garbage, reset the peak resident set, return the resident set now."""
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    return _rss()
 
 
 def _peak() -> int:
@@ -89,8 +93,7 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     calls = []
     with torch.no_grad():
         record_attn_call(attn, captured["args"], captured["kwargs"], calls.append)
-    before = _rss()
-    _reset_peak()
+    before = _start()
     start = time.perf_counter()
     score = attn_score_sdpa(calls[0], layout)
     score_time = time.perf_counter() - start
@@ -99,8 +102,7 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
 
     # With active dropout (e.g. LoRA dropout) the hook recomputes q, k (and v) of the layer first.
     hook.always_recompute = True
-    before = _rss()
-    _reset_peak()
+    before = _start()
     start = time.perf_counter()
     hook.arm(layout)
     hook._pre_forward(attn, captured["args"], captured["kwargs"])
@@ -120,8 +122,7 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     if not with_step:
         return row
 
-    before = _rss()
-    _reset_peak()
+    before = _start()
     start = time.perf_counter()
     out = model(input_ids=input_ids, labels=labels, fused_lm_head=True, use_cache=False)
     (-out.log_probs.sum() / out.label_mask.sum()).backward()
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=8192,
         help="measure the training step only up to this T (its attention is quadratic in time on CPU); beyond, the "
-        "step memory is extrapolated linearly from the last measured T and marked ~",
+        "step memory is extrapolated along the line through the last two measured T and marked ~",
     )
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -172,12 +173,14 @@ def main(argv: list[str] | None = None) -> None:
             check=True,
             capture_output=True,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            # Every allocation over 64 KiB is its own mapping, returned on free: the resident set follows live memory.
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"},
         )
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        if not row["measured_step"]:
-            last = [r for r in rows if r["measured_step"]][-1]
-            row["step_mib"] = last["step_mib"] * seq_len / last["seq_len"]
+        if not row["measured_step"]:  # affine through the last two measured steps
+            a, b = [r for r in rows if r["measured_step"]][-2:]
+            slope = (b["step_mib"] - a["step_mib"]) / (b["seq_len"] - a["seq_len"])
+            row["step_mib"] = b["step_mib"] + slope * (seq_len - b["seq_len"])
         rows.append(row)
         print(f"T={seq_len}: {json.dumps(row)}", file=sys.stderr)
     print(table(rows))

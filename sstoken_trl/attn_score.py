@@ -2,7 +2,7 @@
 
 Two backends compute the same number from one layer's post-RoPE q and k, with the layer's own scaling, sliding
 window, logit softcap and attention sinks (whatever the layer passes to transformers' attention function):
-- "sdpa": each document of each row on its own (its real tokens only), one key/value head group at a time, through
+- "sdpa": each document of each row on its own (its real tokens only), one query head at a time, through
   fused attention whose value vector is the prompt indicator, so output row i IS the mass on prompt keys. Memory
   O(T) per row: no (T, T) tensor of any dtype. Layers with a softcap or sinks (which fused attention cannot apply)
   go through softmax logits in query chunks of bounded size instead. Accumulates in fp32 whatever the model dtype.
@@ -77,30 +77,29 @@ def _key_range(queries: range, window: int | None) -> range:
 
 
 def _document_score_sdpa(q: torch.Tensor, k: torch.Tensor, prompt: torch.Tensor, call: AttnCall) -> torch.Tensor:
-    """(L,) for one document: q (H, L, d), k (H_kv, L, d), prompt (L,) bool. One key/value head at a time."""
+    """(L,) for one document: q (H, L, d), k (H_kv, L, d), prompt (L,) bool. One query head at a time."""
     length, group = q.size(1), q.size(0) // k.size(0)
     # With a window, query chunks of the window's size see at most two windows of keys: memory O(window * L).
     chunk = length if call.sliding_window is None else max(1, call.sliding_window)
     total = torch.zeros(length, dtype=torch.float32, device=q.device)
-    for h in range(k.size(0)):
-        qh = q[h * group : (h + 1) * group].float()[None]
-        kh = k[h : h + 1].float()[None]
-        vh = prompt.float()[None, None, :, None].expand_as(kh).contiguous()
+    v = prompt.float()[None, None, :, None].expand(1, 1, length, q.size(-1)).contiguous()
+    for head in range(q.size(0)):
+        qh = q[head].float()[None, None]
+        kh = k[head // group].float()[None, None]
         for start in range(0, length, chunk):
             queries = range(start, min(length, start + chunk))
             keys = _key_range(queries, call.sliding_window)
             if call.sliding_window is None:
-                out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=call.scaling, enable_gqa=True)
+                out = F.scaled_dot_product_attention(qh, kh, v, is_causal=True, scale=call.scaling)
             else:
                 out = F.scaled_dot_product_attention(
                     qh[:, :, queries.start : queries.stop],
                     kh[:, :, keys.start : keys.stop],
-                    vh[:, :, keys.start : keys.stop],
+                    v[:, :, keys.start : keys.stop],
                     attn_mask=_band(queries, keys, call.sliding_window, q.device),
                     scale=call.scaling,
-                    enable_gqa=True,
                 )
-            total[queries.start : queries.stop] += out[0, :, :, 0].sum(0)
+            total[queries.start : queries.stop] += out[0, 0, :, 0]
     return total / q.size(0)
 
 
