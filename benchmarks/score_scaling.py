@@ -9,7 +9,8 @@ resident set above the resident set just before (Linux VmHWM, reset through /pro
 - scoring: the per-document fused score at the last layer from the q and k the training forward already holds
   (the default path); "with recompute": the hook's whole work when dropout inside the layer is active (q / k / v
   recomputed under no_grad up to the attention call, then the score);
-- step: one training forward + backward through TRL's fused LM head (no scoring), the step's own extra memory.
+- step: one training forward + backward through TRL's fused LM head (no scoring): the step's own extra memory, and
+  the process's peak resident set during the step (weights, runtime and step together).
 """
 
 from __future__ import annotations
@@ -127,24 +128,26 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     out = model(input_ids=input_ids, labels=labels, fused_lm_head=True, use_cache=False)
     (-out.log_probs.sum() / out.label_mask.sum()).backward()
     step_time = time.perf_counter() - start
-    return row | dict(step_mib=(_peak() - before) / 2**20, step_s=step_time)
+    peak = _peak()
+    return row | dict(step_mib=(peak - before) / 2**20, step_peak_mib=peak / 2**20, step_s=step_time)
 
 
 def table(rows: list[dict[str, float]]) -> str:
     lines = [
         "| T | scoring extra MiB | bytes / token | scoring s | with recompute: MiB | s | step extra MiB | step s "
-        "| scoring / step memory | with recompute |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scoring / step extra memory | with recompute | scoring / process peak |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         per_token = r["score_mib"] * 2**20 / r["seq_len"]
         mark = "" if r["measured_step"] else "~"
         step_s = f"{r['step_s']:.1f}" if r["measured_step"] else "-"
+        peak_share = f"{100 * r['score_mib'] / r['step_peak_mib']:.2f}%" if r["measured_step"] else "-"
         lines.append(
             f"| {r['seq_len']} | {r['score_mib']:.1f} | {per_token:.0f} | {r['score_s']:.2f} | "
             f"{r['recompute_mib']:.1f} | {r['recompute_s']:.2f} | {mark}{r['step_mib']:.0f} | {step_s} | "
             f"{mark}{100 * r['score_mib'] / r['step_mib']:.2f}% | "
-            f"{mark}{100 * r['recompute_mib'] / r['step_mib']:.2f}% |"
+            f"{mark}{100 * r['recompute_mib'] / r['step_mib']:.2f}% | {peak_share} |"
         )
     return "\n".join(lines)
 
