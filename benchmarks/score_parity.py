@@ -165,7 +165,7 @@ def run_parity(
     extra = score_memory(fn, args, device)
     math = any("math" in name for name in ran)
     status = "n/a" if not ran else ("fail" if device.type == "cuda" and math else "ok")
-    b, t = args[0].size(0), args[0].size(2)
+    b, t = args[0].query.size(0), args[0].query.size(2)
     memory = ""
     if extra is not None:
         memory = f"; score's extra memory {extra / 2**20:,.1f} MiB (one bool B x T x T: {b * t * t / 2**20:,.0f} MiB)"

@@ -1,0 +1,33 @@
+"""One real SFTTrainer step with SSTokenCallback for every supported decoder family (LoRA, history = base)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from sstoken_trl import SSTokenCallback, SSTokenConfig
+from tests.conftest import cpu_sft_args, prompt_completion_rows
+from tests.families import FAMILY_CONFIGS, build_family_model
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_one_sft_step_with_sstoken(tokenizer, model_type):
+    callback = SSTokenCallback(SSTokenConfig(select_ratio=0.5))
+    trainer = SFTTrainer(
+        model=build_family_model(model_type, len(tokenizer)),
+        args=SFTConfig(**cpu_sft_args(max_steps=1, learning_rate=1e-3, gradient_checkpointing=True)),
+        train_dataset=Dataset.from_list(prompt_completion_rows(4)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]),
+        callbacks=[callback],
+    )
+    result = trainer.train()
+    selection = callback.last_selection
+    response = selection.response
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert (selection.attn_score[response] > 0).any()
+    kept = selection.keep.sum().item()
+    assert 0 < kept < response.sum().item()  # a real selection, not plain SFT
