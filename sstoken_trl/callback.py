@@ -113,7 +113,8 @@ class SSTokenCallback(TrainerCallback):
         hook = hook_scoring_layer(inner, self.config)
         fused_forward = inner.forward
         history = self._history(trainer, inner, fused_forward, state.global_step)
-        self.step = SelectiveForward(fused_forward, self.config, hook, history, state.max_steps)
+        vocab_size = inner.config.get_text_config().vocab_size
+        self.step = SelectiveForward(fused_forward, self.config, hook, history, state.max_steps, vocab_size)
         inner.forward = self.step
         # accelerate's loaders delegate to the DataLoader they wrap: the collate function lives there.
         dataloader = kwargs["train_dataloader"]

@@ -66,8 +66,8 @@ class SSTokenConfig:
     his_loss_clip: float | None = field(
         default=None,
         metadata={
-            "help": "Clip L_his at this many nats in REL = min(L_his, clip) - L_cur, so tokens the history is "
-            "confidently wrong about stop dominating the ranking (log(vocab size): a uniform guess). None: off."
+            "help": "Clip L_his in REL = min(L_his, c * log(vocab size)) - L_cur; 1.0 clips at the loss of a uniform "
+            "guess, so tokens the history is confidently wrong about stop dominating the ranking. None: off."
         },
     )
     protect_response_end: bool = field(
@@ -150,7 +150,9 @@ class SSTokenConfig:
         _one_of("history", self.history, HISTORIES)
         _one_of("selector", self.selector, SELECTORS)
         if self.his_loss_clip is not None and not self.his_loss_clip > 0:
-            raise ValueError(f"his_loss_clip={self.his_loss_clip} must be > 0 nats (or None to switch it off).")
+            raise ValueError(
+                f"his_loss_clip={self.his_loss_clip} must be > 0 (a multiple of log(vocab size)), or None for off."
+            )
         _one_of("rel_norm", self.rel_norm, REL_NORMS)
 
     @classmethod

@@ -10,6 +10,7 @@ attention score when they are unused.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ class Signals:
     gamma: float  # weight of REL at this step (0 during the REL warm-up)
     seed: int  # seed of this micro-batch: the random draw, and tie-breaks
     logp_cur: torch.Tensor | None = None  # log p_cur on target positions, for his_loss_clip
+    vocab_size: int = 0  # of the model, for his_loss_clip
 
 
 def sstoken_select(
@@ -67,8 +69,10 @@ def sstoken_select(
 
 def sstoken(config: SSTokenConfig, s: Signals) -> Selection:
     rel_values = s.rel
-    if config.his_loss_clip is not None and s.logp_cur is not None:
-        rel_values = clipped_rel(s.rel, s.logp_cur, config.his_loss_clip)
+    if config.his_loss_clip is not None:
+        if s.logp_cur is None or s.vocab_size < 2:
+            raise ValueError("his_loss_clip needs the current log-probs and the model's vocabulary size.")
+        rel_values = clipped_rel(s.rel, s.logp_cur, config.his_loss_clip * math.log(s.vocab_size))
     return sstoken_select(config, s.layout, rel_values, s.attn, s.gamma, s.seed)
 
 

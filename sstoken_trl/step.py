@@ -56,6 +56,7 @@ class SelectiveForward:
         hook: AttnScoreHook,
         history: HistorySource | None,
         max_steps: int = 0,
+        vocab_size: int = 0,
     ) -> None:
         self.forward = forward
         self.config = config
@@ -63,6 +64,7 @@ class SelectiveForward:
         self.history = history
         self.global_step = 0
         self.rel_warmup = config.rel_warmup(max_steps)
+        self.vocab_size = vocab_size
         self.calls = 0
         self.stats: torch.Tensor | None = None
         self.last: Selection | None = None
@@ -95,7 +97,9 @@ class SelectiveForward:
         attn = self.hook.take()[:, 1:] if attending else torch.zeros_like(logp_cur)
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
-        score, keep, keep_rel = selector.select(self.config, Signals(layout, rel_values, attn, gamma, seed, logp_cur))
+        score, keep, keep_rel = selector.select(
+            self.config, Signals(layout, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
+        )
         self._record(kwargs, layout, rel_values, attn, score, keep, keep_rel)
         return self._masked(out, keep)
 

@@ -149,12 +149,14 @@ def test_clip_reaches_the_selector_through_the_current_log_probs():
     layout = batch_layout(labels)
     loss_cur = torch.tensor([[1.0, 0.2, 3.0, 0.5]])
     loss_his = torch.tensor([[20.0, 2.5, 3.5, 1.0]])  # token 0: the history is confidently wrong
-    signals = Signals(layout, loss_his - loss_cur, torch.zeros(1, 4), 1.0, 0, logp_cur=-loss_cur)
+    signals = Signals(layout, loss_his - loss_cur, torch.zeros(1, 4), 1.0, 0, -loss_cur, vocab_size=20)
     _, unclipped, _ = get_selector("sstoken").select(SSTokenConfig(select_ratio=0.25, gamma=1.0), signals)
     assert unclipped[0].tolist() == [True, False, False, False]  # REL [19, 2.3, 0.5, 0.5]
-    config = SSTokenConfig(select_ratio=0.25, gamma=1.0, his_loss_clip=3.0)
+    config = SSTokenConfig(select_ratio=0.25, gamma=1.0, his_loss_clip=1.0)  # log(20) = 3.0 nats
     _, clipped, _ = get_selector("sstoken").select(config, signals)
     assert clipped[0].tolist() == [False, True, False, False]  # min(L_his, 3) - L_cur = [2, 2.8, 0, 0.5]
+    with pytest.raises(ValueError, match="vocabulary size"):
+        get_selector("sstoken").select(config, Signals(layout, loss_his - loss_cur, torch.zeros(1, 4), 1.0, 0))
 
 
 def test_rel_warmup_ratio_resolves_against_max_steps():
