@@ -184,4 +184,5 @@ class SSTokenConfig:
 RECOMMENDED: dict[str, Any] = {
     "protect_response_end": True,
     "rel_norm": "rank",
+    "his_loss_clip": 1.0,
 }
