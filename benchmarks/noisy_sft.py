@@ -1,19 +1,30 @@
-"""Selection quality on a noisy SFT task: which method learns the clean task, and which tokens it drops.
+"""Selection quality on noisy / redundant SFT: which method learns the clean task, and which tokens it drops.
 
-    python -m benchmarks.noisy_sft              # CPU, 3 seeds: about 6 minutes on 2 cores
+    python -m benchmarks.noisy_sft --workers 2            # 3 regimes x 3 seeds, every method
+    python -m benchmarks.noisy_sft --regimes overconfident --seeds 0 --methods full,recommended
 
 A small LLaMA-shaped model is first trained on clean `copy` / `reverse` instructions (the base). LoRA
-fine-tuning then teaches `shift` on data where a known share of answer letters is corrupted (substituted or
-inserted). Every method trains the same steps on the same data order with the same rho: full SFT, uniform
-random, RHO-1 (reference: the base fine-tuned on a clean subset) and ssToken with gamma 1 / 0.5 / 0; full SFT
-on the uncorrupted data is the ceiling. Reported per method, over seeds: held-out exact match (greedy) and
-loss on clean data, and the share of corrupted, clean and </s> response tokens each method dropped.
+fine-tuning then teaches `shift`. Regimes (`--regimes`):
+  overconfident  the base is trained with plain cross-entropy, so it is confidently wrong on `shift`; a share
+                 of answer letters is corrupted (substituted or inserted).
+  calibrated     the same corrupted fine-tuning, but the base is trained with label smoothing 0.1, so it puts
+                 no near-zero probability on any plausible token (closer to a pretrained LLM).
+  redundant      no corruption; every response wraps the answer in uninformative filler phrases
+                 ("sure here is the result : ... . hope this helps"), which the base also saw around its own
+                 answers. Scored on the answer: exact match of the letters between `:` and `.`, and their loss.
+Every method trains the same steps on the same data order with the same rho: full SFT, uniform random, RHO-1
+(reference: the base fine-tuned on a clean subset), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants, the
+recommended configuration), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
+ceiling a selection could reach. Reported per method, over seeds: held-out exact match (greedy) and loss on clean
+data, the share of corrupted (filler), clean and </s> response tokens each method dropped, and the share of the
+full-to-oracle gap it closed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import tempfile
 import time
@@ -37,9 +48,11 @@ from benchmarks.noisy_task import (
     corrupt,
     greedy_exact_match,
     make_samples,
+    oracle_row,
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
+from sstoken_trl.config import RECOMMENDED
 from sstoken_trl.tools.tiny import build_model
 
 SHAPE = dict(
@@ -57,12 +70,26 @@ METHODS: dict[str, dict[str, Any]] = {
     "sstoken_g1": dict(gamma=1.0),
     "sstoken_g0.5": dict(gamma=0.5),
     "sstoken_g0": dict(gamma=0.0),
+    "protect_g1": dict(gamma=1.0, protect_response_end=True),
+    "protect_g0.5": dict(gamma=0.5, protect_response_end=True),
+    "rank_protect_g0.5": dict(gamma=0.5, rel_norm="rank", protect_response_end=True),
+    "clip_protect_g1": dict(gamma=1.0, his_loss_clip=1.0, protect_response_end=True),
+    "clip_rank_protect_g0.5": dict(gamma=0.5, his_loss_clip=1.0, rel_norm="rank", protect_response_end=True),
+    "ema_protect_g0.5": dict(gamma=0.5, history="ema", ema_alpha=0.99, protect_response_end=True),
+    "snapshot_protect_g0.5": dict(
+        gamma=0.5, history="ema", ema_alpha=0.0, ema_update_steps=25, protect_response_end=True
+    ),
+    "warmup_protect_g0.5": dict(gamma=0.5, rel_warmup_ratio=0.2, protect_response_end=True),
+    "recommended": dict(RECOMMENDED),
+    "oracle": dict(selector="full"),  # on the oracle rows: corrupted / filler labels masked
 }
-CEILING = "full_clean"  # full SFT on the uncorrupted data
+ORACLE = "oracle"
+REGIMES = ("overconfident", "calibrated", "redundant")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated subset of {','.join(REGIMES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--noise", type=float, default=0.3, help="chance that an answer letter is corrupted")
     p.add_argument("--select-ratio", type=float, default=0.6, help="rho of every selecting method")
@@ -72,16 +99,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (cosine schedule)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--base-steps", type=int, default=800, help="full training steps of the base on copy / reverse")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the base training, regime 'calibrated'")
     p.add_argument("--ref-share", type=float, default=0.1, help="share of the training prompts (clean) for RHO-1")
     p.add_argument("--ref-steps", type=int, default=150, help="steps of RHO-1's reference fine-tuning")
     p.add_argument("--eval", type=int, default=300, help="held-out clean samples")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--base-cache", help="folder that keeps trained bases between runs (reused when settings match)")
+    p.add_argument("--workers", type=int, default=1, help="processes training methods / seeds in parallel")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--out", default="benchmarks/results/noisy_sft.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, chosen, known in (("regimes", args.regimes, REGIMES), ("methods", args.methods, METHODS)):
+        unknown = set(chosen.split(",")) - set(known)
+        if unknown:
+            p.error(f"unknown {name} {sorted(unknown)}; choose from {list(known)}")
+    return args
 
 
-def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int) -> SFTConfig:
+def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int, label_smoothing: float = 0.0) -> SFTConfig:
     return SFTConfig(
         output_dir=out_dir,
         max_steps=steps,
@@ -90,6 +125,7 @@ def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int) -> SFTC
         lr_scheduler_type="cosine",
         warmup_steps=steps // 20,
         weight_decay=0.0,
+        label_smoothing_factor=label_smoothing,
         max_length=None,
         logging_steps=10_000,
         save_strategy="no",
@@ -103,9 +139,12 @@ def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int) -> SFTC
     )
 
 
-def train(model: PreTrainedModel, rows: list[Sample], args: SFTConfig, tokenizer: Any, **kwargs: Any) -> SFTTrainer:
-    dataset = Dataset.from_list([s.row() for s in rows])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **kwargs)
+def train(
+    model: PreTrainedModel, rows: list[dict[str, list[int]]], args: SFTConfig, tokenizer: Any, **kwargs: Any
+) -> SFTTrainer:
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, **kwargs
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return trainer
@@ -165,92 +204,148 @@ def lora(args: argparse.Namespace) -> LoraConfig:
     return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def fine_tune(
-    name: str,
-    base: dict[str, torch.Tensor],
-    rows: list[Sample],
-    held_out: list[Sample],
-    args: argparse.Namespace,
-    seed: int,
-    tmp: str,
-    reference: PreTrainedModel | None,
-) -> dict[str, Any]:
-    """LoRA on the base with one method: held-out metrics and what it dropped."""
-    config = SSTokenConfig(select_ratio=args.select_ratio, seed=seed, **METHODS.get(name, METHODS["full"]))
-    sstoken = SSTokenCallback(config, history_model=reference if config.history == "model" else None)
+def fine_tune_data(regime: str, args: argparse.Namespace, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples as trained on, their clean versions) of one regime and seed."""
+    rng = random.Random(seed)
+    clean = make_samples(("shift",), args.train, rng, filler=regime == "redundant")
+    if regime == "redundant":
+        return clean, clean
+    return [corrupt(s, args.noise, rng) for s in clean], clean
+
+
+def held_out(regime: str, args: argparse.Namespace) -> dict[str, list[Sample]]:
+    filler = regime == "redundant"
+    held = {
+        op: make_samples((op,), args.eval, random.Random(2000 + i), filler=filler)
+        for i, op in enumerate(("copy", "reverse", "shift"))
+    }
+    return held
+
+
+def train_base(regime: str, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """The base of a regime, saved to tmp; its held-out metrics."""
+    base = build_model("llama", len(VOCAB), seed=0, **SHAPE)
+    smoothing = args.label_smoothing if regime == "calibrated" else 0.0
+    cached = Path(args.base_cache or tmp) / f"base-{regime}-{args.base_steps}-{smoothing}-{args.batch}.pt"
+    if cached.is_file():
+        base.load_state_dict(torch.load(cached))
+    else:
+        rows = make_samples(("copy", "reverse"), 4000, random.Random(1000), filler=regime == "redundant")
+        sft = sft_args(f"{tmp}/base-{regime}", args.base_steps, args.batch, 3e-3, 0, smoothing)
+        train(base, [s.row() for s in rows], sft, build_tokenizer())
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), cached)
+    torch.save(base.state_dict(), f"{tmp}/base-{regime}.pt")
+    return {op: evaluate(base, samples) for op, samples in held_out(regime, args).items()}
+
+
+def train_reference(regime: str, args: argparse.Namespace, seed: int, tmp: str) -> dict[str, float]:
+    """RHO-1's reference: the base fine-tuned (plain SFT, LoRA merged) on clean samples, saved to tmp."""
+    _, clean = fine_tune_data(regime, args, seed)
+    subset = clean[: max(1, int(args.ref_share * len(clean)))]
+    sft = sft_args(f"{tmp}/reference-{regime}-{seed}", args.ref_steps, args.batch, args.lr, seed)
+    state = torch.load(f"{tmp}/base-{regime}.pt")
+    trainer = train(fresh(state), [s.row() for s in subset], sft, build_tokenizer(), peft_config=lora(args))
+    reference = trainer.model.merge_and_unload().eval()
+    torch.save(reference.state_dict(), f"{tmp}/reference-{regime}-{seed}.pt")
+    return evaluate(reference, held_out(regime, args)["shift"])
+
+
+def fine_tune(name: str, regime: str, args: argparse.Namespace, seed: int, tmp: str) -> dict[str, Any]:
+    """LoRA on the regime's base with one method: held-out metrics and what it dropped."""
+    rows, _ = fine_tune_data(regime, args, seed)
+    config = SSTokenConfig(**{"select_ratio": args.select_ratio, **METHODS[name], "seed": seed})
+    reference = fresh(torch.load(f"{tmp}/reference-{regime}-{seed}.pt")) if config.history == "model" else None
+    sstoken = SSTokenCallback(config, history_model=reference)
     meter = DropMeter(sstoken, rows)
     t0 = time.perf_counter()
-    sft = sft_args(f"{tmp}/{name}", args.steps, args.batch, args.lr, seed)
-    trainer = train(fresh(base), rows, sft, build_tokenizer(), peft_config=lora(args), callbacks=[sstoken, meter])
+    sft = sft_args(f"{tmp}/{regime}-{seed}-{name}", args.steps, args.batch, args.lr, seed)
+    data = [oracle_row(s) if name == ORACLE else s.row() for s in rows]
+    base = fresh(torch.load(f"{tmp}/base-{regime}.pt"))
+    trainer = train(base, data, sft, build_tokenizer(), peft_config=lora(args), callbacks=[sstoken, meter])
     seconds = time.perf_counter() - t0
-    return {**evaluate(trainer.model, held_out), **meter.shares(), "train_seconds": seconds}
+    metrics = evaluate(trainer.model, held_out(regime, args)["shift"])
+    corrupted = sum(sum(s.corrupted) for s in rows) / sum(len(s.corrupted) for s in rows)
+    return {**metrics, **meter.shares(), "train_seconds": seconds, "corrupted_share": corrupted}
 
 
-def train_reference(
-    base: dict[str, torch.Tensor], rows: list[Sample], args: argparse.Namespace, seed: int, tmp: str
-) -> PreTrainedModel:
-    """RHO-1's reference: the base fine-tuned (plain SFT, LoRA merged) on clean samples."""
-    sft = sft_args(f"{tmp}/reference", args.ref_steps, args.batch, args.lr, seed)
-    trainer = train(fresh(base), rows, sft, build_tokenizer(), peft_config=lora(args))
-    return trainer.model.merge_and_unload().eval()
+def _job(task: tuple[str, tuple[Any, ...]]) -> Any:
+    kind, job_args = task
+    result = {"base": train_base, "reference": train_reference, "method": fine_tune}[kind](*job_args)
+    if kind == "method":
+        name, regime, _, seed, _ = job_args
+        print(
+            f"{regime} seed {seed} {name}: exact match {result['accuracy']:.3f}, clean loss "
+            f"{result['clean_loss']:.3f}, </s> dropped {result['eos_dropped_share']:.2f}",
+            flush=True,
+        )
+    return result
+
+
+def _init(threads: int) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+
+
+def run_all(tasks: list[tuple[str, tuple[Any, ...]]], args: argparse.Namespace) -> list[Any]:
+    """Run the tasks, in `args.workers` processes (each `args.threads` torch threads) or in this one."""
+    if args.workers <= 1:
+        _init(args.threads)
+        return [_job(t) for t in tasks]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers, initializer=_init, initargs=(args.threads,)) as pool:
+        return list(pool.imap(_job, tasks, chunksize=1))
 
 
 def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     methods = [m for m in args.methods.split(",") if m]
-    if set(methods) - set(METHODS):
-        raise ValueError(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {list(METHODS)}")
-    base = build_model("llama", len(VOCAB), seed=0, **SHAPE)
-    base_rows = make_samples(("copy", "reverse"), 4000, random.Random(1000))
-    train(base, base_rows, sft_args(f"{tmp}/base", args.base_steps, args.batch, 3e-3, 0), build_tokenizer())
-    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    held = {op: make_samples((op,), args.eval, random.Random(2000 + i)) for i, op in enumerate(("copy", "reverse"))}
-    held["shift"] = make_samples(("shift",), args.eval, random.Random(2002))
-    report: dict[str, Any] = {"base": {op: evaluate(base, samples) for op, samples in held.items()}}
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*methods, CEILING]}
-    report["rho1_reference"], corrupted = [], []
-    for seed in args.seeds:
-        rng = random.Random(seed)
-        clean = make_samples(("shift",), args.train, rng)
-        noisy = [corrupt(s, args.noise, rng) for s in clean]
-        corrupted.append(sum(sum(s.corrupted) for s in noisy) / sum(len(s.corrupted) for s in noisy))
-        reference = None
+    regimes = [r for r in args.regimes.split(",") if r]
+    report: dict[str, Any] = {}
+    bases = run_all([("base", (regime, args, tmp)) for regime in regimes], args)
+    if "rho1" in methods:
+        refs = run_all([("reference", (r, args, seed, tmp)) for r in regimes for seed in args.seeds], args)
+    jobs = [(r, seed, name) for r in regimes for seed in args.seeds for name in methods]
+    results = iter(run_all([("method", (name, r, args, seed, tmp)) for r, seed, name in jobs], args))
+    for i, regime in enumerate(regimes):
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+        for _seed in args.seeds:
+            for name in methods:
+                runs[name].append(next(results))
+        part = {"base": bases[i], "methods": {n: {"seeds": r, "summary": summary(r)} for n, r in runs.items()}}
         if "rho1" in methods:
-            subset = clean[: max(1, int(args.ref_share * len(clean)))]
-            reference = train_reference(state, subset, args, seed, tmp)
-            report["rho1_reference"].append(evaluate(reference, held["shift"]))
-        for name in methods:
-            runs[name].append(fine_tune(name, state, noisy, held["shift"], args, seed, tmp, reference))
-            print(f"seed {seed} {name}: exact match {runs[name][-1]['accuracy']:.3f}", flush=True)
-        runs[CEILING].append(fine_tune(CEILING, state, clean, held["shift"], args, seed, tmp, None))
-    report["corrupted_share_of_response_tokens"] = sum(corrupted) / len(corrupted)
-    report["methods"] = {name: {"seeds": r, "summary": summary(r)} for name, r in runs.items()}
+            part["rho1_reference"] = refs[i * len(args.seeds) : (i + 1) * len(args.seeds)]
+        part["corrupted_share_of_response_tokens"] = next(iter(runs.values()))[0]["corrupted_share"]
+        report[regime] = part
     return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sstoken-noisy-") as tmp:
-        report = {"benchmark": "noisy_sft", "settings": vars(args), "model": SHAPE, **run(args, tmp)}
+        regimes = run(args, tmp)
+    report = {"benchmark": "noisy_sft", "settings": vars(args), "model": SHAPE, "regimes": regimes}
     report["wall_seconds"] = time.perf_counter() - start
-    base = report["base"]
+    for regime, part in regimes.items():
+        base = part["base"]
+        refs = ", ".join(f"{r['accuracy']:.3f}" for r in part.get("rho1_reference", []))
+        print(
+            f"\n## {regime}: {part['corrupted_share_of_response_tokens']:.1%} of response tokens corrupted (or "
+            f"filler); base exact match copy {base['copy']['accuracy']:.3f}, reverse {base['reverse']['accuracy']:.3f}"
+            f", shift {base['shift']['accuracy']:.3f}; RHO-1 reference on shift: {refs or '-'}\n"
+        )
+        print(table(part["methods"], base["shift"]))
     print(
-        f"base: exact match copy {base['copy']['accuracy']:.3f}, reverse {base['reverse']['accuracy']:.3f}, "
-        f"shift {base['shift']['accuracy']:.3f}; RHO-1 reference on shift: "
-        + ", ".join(f"{r['accuracy']:.3f}" for r in report["rho1_reference"])
+        f"\nrho {args.select_ratio}, {args.steps} steps x {args.batch}, seeds {args.seeds}; mean ± std over seeds; "
+        "gap closed = (method - full) / (oracle - full)"
     )
-    print(
-        f"noisy SFT on shift: {report['corrupted_share_of_response_tokens']:.1%} of response tokens corrupted, "
-        f"rho {args.select_ratio}, {args.steps} steps x {args.batch}, seeds {args.seeds}; mean ± std over seeds"
-    )
-    print(table(report["methods"], base["shift"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     png = out.with_suffix(".png")
-    drew = plot(report["methods"], png)
+    drew = plot(regimes, png)
     print(f"wrote {out}" + (f" and {png}" if drew else " (no plot: pip install matplotlib)"))
     print(f"{report['wall_seconds']:.0f} s")
     return report

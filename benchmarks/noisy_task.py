@@ -2,7 +2,9 @@
 
 A sample is `<s> <|User|> OP x1 .. xn <|Assistant|> y1 .. ym </s>` over single-letter words. The base model
 learns `copy` and `reverse`; fine-tuning teaches `shift` (each letter becomes the next one, cyclically), with a
-share of response tokens corrupted: a random wrong letter substituted, or a random letter inserted.
+share of response tokens corrupted: a random wrong letter substituted, or a random letter inserted. With
+`filler=True` the answer is wrapped in uninformative phrases, `OPENING : y1 .. ym . CLOSING </s>` (the phrases
+drawn at random, independent of the prompt); the answer is then the letters between `:` and `.`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from sstoken_trl.tools.tiny import ASSISTANT_TAG, USER_TAG
 LETTERS = [chr(c) for c in range(ord("a"), ord("a") + 20)]
 OPS = ("copy", "reverse", "shift")
 SPECIAL = ["<pad>", "<s>", "</s>", USER_TAG, ASSISTANT_TAG]
-VOCAB = SPECIAL + list(OPS) + LETTERS
+OPENINGS = (("sure", "here", "is", "the", "result"), ("of", "course", "the", "answer", "is"), ("ok",), ("well",))
+CLOSINGS = (("hope", "this", "helps"), ("glad", "to", "help"), ("done",), ())
+FILLER = sorted({w for phrase in OPENINGS + CLOSINGS for w in phrase})
+OPEN_ANSWER, CLOSE_ANSWER = ":", "."
+VOCAB = SPECIAL + list(OPS) + LETTERS + FILLER + [OPEN_ANSWER, CLOSE_ANSWER]
 PAD, BOS, EOS = 0, 1, 2
 
 
@@ -53,7 +59,8 @@ def answer(op: str, letters: Sequence[str]) -> list[str]:
 class Sample:
     prompt: list[int]  # <s> <|User|> op letters <|Assistant|>
     response: list[int]  # answer letters </s>, possibly corrupted
-    corrupted: list[bool]  # per response token
+    corrupted: list[bool]  # per response token: corrupted, or filler (what the oracle masks)
+    answer: list[bool] | None = None  # per response token: scored by the held-out loss (None: all of them)
 
     @property
     def input_ids(self) -> list[int]:
@@ -63,16 +70,33 @@ class Sample:
         return {"input_ids": self.input_ids, "labels": [-100] * len(self.prompt) + self.response}
 
 
-def make_samples(ops: Sequence[str], n: int, rng: random.Random, lengths: tuple[int, int] = (3, 8)) -> list[Sample]:
-    """n clean samples, op drawn uniformly from `ops`, 3-8 distinct letters."""
+def make_samples(
+    ops: Sequence[str], n: int, rng: random.Random, lengths: tuple[int, int] = (3, 8), filler: bool = False
+) -> list[Sample]:
+    """n clean samples, op drawn uniformly from `ops`, 3-8 distinct letters; `filler`: wrapped in phrases."""
     out = []
     for _ in range(n):
         op = rng.choice(list(ops))
         letters = rng.sample(LETTERS, rng.randint(*lengths))
         prompt = [BOS, ID[USER_TAG], ID[op], *(ID[c] for c in letters), ID[ASSISTANT_TAG]]
-        response = [ID[c] for c in answer(op, letters)] + [EOS]
-        out.append(Sample(prompt, response, [False] * len(response)))
+        reply = [ID[c] for c in answer(op, letters)]
+        if not filler:
+            out.append(Sample(prompt, reply + [EOS], [False] * (len(reply) + 1)))
+            continue
+        opening, closing = [ID[w] for w in rng.choice(OPENINGS)], [ID[w] for w in rng.choice(CLOSINGS)]
+        response = [*opening, ID[OPEN_ANSWER], *reply, ID[CLOSE_ANSWER], *closing, EOS]
+        is_filler = [True] * len(opening) + [False] * (len(reply) + 2) + [True] * len(closing) + [False]
+        is_answer = [False] * (len(opening) + 1) + [True] * len(reply) + [False] * (len(closing) + 2)
+        out.append(Sample(prompt, response, is_filler, is_answer))
     return out
+
+
+def answer_part(tokens: list[int]) -> list[int] | None:
+    """The letters between the first `:` and the next `.` (None when either is missing)."""
+    if ID[OPEN_ANSWER] not in tokens:
+        return None
+    rest = tokens[tokens.index(ID[OPEN_ANSWER]) + 1 :]
+    return rest[: rest.index(ID[CLOSE_ANSWER])] if ID[CLOSE_ANSWER] in rest else None
 
 
 def corrupt(sample: Sample, share: float, rng: random.Random) -> Sample:
@@ -89,9 +113,16 @@ def corrupt(sample: Sample, share: float, rng: random.Random) -> Sample:
     return Sample(sample.prompt, response + [EOS], corrupted + [False])
 
 
+def oracle_row(sample: Sample) -> dict[str, list[int]]:
+    """The sample with its corrupted (or filler) tokens' labels masked: what a perfect selection would train."""
+    labels = [-100 if bad else token for token, bad in zip(sample.response, sample.corrupted, strict=True)]
+    return {"input_ids": sample.input_ids, "labels": [-100] * len(sample.prompt) + labels}
+
+
 @torch.no_grad()
-def greedy_exact_match(model: torch.nn.Module, samples: Sequence[Sample], max_new: int = 12) -> float:
-    """Share of samples whose greedy continuation of the prompt equals the clean response, </s> included."""
+def greedy_exact_match(model: torch.nn.Module, samples: Sequence[Sample], max_new: int = 22) -> float:
+    """Share of samples whose greedy continuation of the prompt equals the clean response, </s> included
+    (with filler: whose answer part, the letters between `:` and `.`, equals the clean answer)."""
     model.eval()
     by_length: dict[int, list[Sample]] = {}
     for s in samples:
@@ -111,33 +142,40 @@ def greedy_exact_match(model: torch.nn.Module, samples: Sequence[Sample], max_ne
         for row, s in zip(ids.tolist(), group, strict=True):
             out = row[len(s.prompt) :]
             out = out[: out.index(EOS) + 1] if EOS in out else out
-            correct += out == s.response
+            if s.answer is None:
+                correct += out == s.response
+            else:
+                correct += answer_part(out) == answer_part(s.response)
     return correct / len(samples)
 
 
 @torch.no_grad()
 def teacher_forced(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 256) -> dict[str, float]:
-    """On the clean responses: mean NLL (all tokens, answer letters, </s>) and the letters' argmax accuracy."""
+    """On the clean responses: mean NLL of the scored tokens (all, or the answer with filler), of the answer
+    letters and of </s>, and the letters' argmax accuracy."""
     model.eval()
     device = next(model.parameters()).device
     sums = dict.fromkeys(("nll", "nll_letters", "nll_eos", "letters_right", "tokens", "letters", "eos"), 0.0)
+    letter_ids = torch.tensor(LETTER_IDS, device=next(model.parameters()).device)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         width = max(len(s.input_ids) for s in chunk)
         ids = torch.full((len(chunk), width), PAD)
         labels = torch.full((len(chunk), width), -100)
+        scored = torch.zeros((len(chunk), width), dtype=torch.bool)
         for i, s in enumerate(chunk):
             ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
             labels[i, len(s.prompt) : len(s.input_ids)] = torch.tensor(s.response)
-        ids, labels = ids.to(device), labels.to(device)[:, 1:]
+            scored[i, len(s.prompt) : len(s.input_ids)] = torch.tensor(s.answer or [True] * len(s.response))
+        ids, labels, scored = ids.to(device), labels.to(device)[:, 1:], scored.to(device)[:, 1:]
         logits = model(input_ids=ids, attention_mask=(ids != PAD).long(), use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        eos, letters = labels == EOS, (labels != -100) & (labels != EOS)
-        sums["nll"] += nll.sum().item()
+        eos, letters = labels == EOS, torch.isin(labels, letter_ids) & scored
+        sums["nll"] += nll[scored].sum().item()
         sums["nll_letters"] += nll[letters].sum().item()
         sums["nll_eos"] += nll[eos].sum().item()
         sums["letters_right"] += (logits.argmax(-1) == labels)[letters].sum().item()
-        sums["tokens"] += (labels != -100).sum().item()
+        sums["tokens"] += scored.sum().item()
         sums["letters"] += letters.sum().item()
         sums["eos"] += eos.sum().item()
     return {

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sstoken_trl.history import HISTORY_SOURCES
 from sstoken_trl.scoring.attn_score import BACKENDS
-from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, SELECTORS
+from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, REL_NORMS, SELECTORS
 
 SCOPES = ("sample", "batch")
 
@@ -48,6 +49,34 @@ class SSTokenConfig:
     rel_warmup_steps: int = field(
         default=0,
         metadata={"help": "Optimizer steps at the start during which gamma is 0 (history and current model agree)."},
+    )
+    rel_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training (of max_steps) at the start during which gamma is 0, like rel_warmup_steps "
+            "(the published code: its first 10,000 of 50,000 samples, 0.2). In [0, 1); set one of the two."
+        },
+    )
+    rel_norm: str = field(
+        default="minmax",
+        metadata={
+            "help": "Normalisation of REL within a sample: 'minmax' (the paper) or 'rank' (percentile rank, so one "
+            "outlier cannot squeeze the other tokens together)."
+        },
+    )
+    his_loss_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip L_his in REL = min(L_his, c * log(vocab size)) - L_cur; 1.0 clips at the loss of a uniform "
+            "guess, so tokens the history is confidently wrong about stop dominating the ranking. None: off."
+        },
+    )
+    protect_response_end: bool = field(
+        default=False,
+        metadata={
+            "help": "Always train the last token of each response (its end-of-sequence / end-of-turn token), "
+            "inside the rho budget, so the model keeps learning to stop. False: the paper's selection."
+        },
     )
     history: str = field(
         default="base",
@@ -104,6 +133,13 @@ class SSTokenConfig:
             raise ValueError(f"gamma={self.gamma} must be in [0, 1]: it weighs REL against the attention score.")
         if self.rel_warmup_steps < 0:
             raise ValueError(f"rel_warmup_steps={self.rel_warmup_steps} must be >= 0.")
+        if not 0.0 <= self.rel_warmup_ratio < 1.0:
+            raise ValueError(f"rel_warmup_ratio={self.rel_warmup_ratio} must be in [0, 1): a share of max_steps.")
+        if self.rel_warmup_ratio and self.rel_warmup_steps:
+            raise ValueError(
+                f"rel_warmup_steps={self.rel_warmup_steps} and rel_warmup_ratio={self.rel_warmup_ratio} both set "
+                "the REL warm-up; set only one of them."
+            )
         if not 0.0 <= self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha={self.ema_alpha} must be in [0, 1]: it is the weight kept by the history EMA.")
         if self.ema_update_steps < 1:
@@ -114,6 +150,20 @@ class SSTokenConfig:
         _one_of("attn_backend", self.attn_backend, BACKENDS)
         _one_of("history", self.history, HISTORY_SOURCES)
         _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
+        if self.his_loss_clip is not None and not self.his_loss_clip > 0:
+            raise ValueError(
+                f"his_loss_clip={self.his_loss_clip} must be > 0 (a multiple of log(vocab size)), or None for off."
+            )
+        _one_of("rel_norm", self.rel_norm, REL_NORMS)
+
+    @classmethod
+    def recommended(cls, **overrides: Any) -> SSTokenConfig:
+        """The recommended configuration (docs/selectors.md, measured by benchmarks/noisy_sft); `overrides` win."""
+        return cls(**{**RECOMMENDED, **overrides})
+
+    def rel_warmup(self, max_steps: int) -> int:
+        """Optimizer steps of the REL warm-up (gamma 0), rel_warmup_ratio resolved against max_steps."""
+        return max(self.rel_warmup_steps, math.ceil(self.rel_warmup_ratio * max_steps - 1e-9))
 
     def layer_index(self, num_layers: int) -> int:
         """Resolve attn_layer against a model with num_layers decoder layers, or raise."""
@@ -129,3 +179,11 @@ class SSTokenConfig:
     def field_help(cls) -> dict[str, tuple[Any, str]]:
         """Field name -> (default, help text), for docs and command-line parsers."""
         return {f.name: (f.default, f.metadata.get("help", "")) for f in fields(cls)}
+
+
+# What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why).
+RECOMMENDED: dict[str, Any] = {
+    "protect_response_end": True,
+    "rel_norm": "rank",
+    "his_loss_clip": 1.0,
+}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from benchmarks import noisy_sft, step_cost
 
 
@@ -26,21 +28,44 @@ def test_step_cost_writes_every_variant(tmp_path):
     assert variants["sft"]["score_s"] == 0
 
 
-def test_noisy_sft_reports_quality_and_drops(tmp_path):
+MINIMAL = ["--seeds", "0", "--train", "48", "--steps", "3", "--base-steps", "4", "--ref-steps", "2", "--eval", "12"]
+
+
+@pytest.mark.parametrize("regime", noisy_sft.REGIMES)
+def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
     out = tmp_path / "noisy.json"
-    argv = ["--seeds", "0", "--train", "48", "--steps", "3", "--base-steps", "4", "--ref-steps", "2", "--eval", "12"]
-    noisy_sft.main([*argv, "--batch", "8", "--out", str(out)])
+    methods = ["full", "rho1", "sstoken_g0.5", "recommended", noisy_sft.ORACLE]
+    noisy_sft.main([*MINIMAL, "--regimes", regime, "--methods", ",".join(methods), "--batch", "8", "--out", str(out)])
     report = json.loads(out.read_text())
-    methods = report["methods"]
-    assert list(methods) == [*noisy_sft.METHODS, noisy_sft.CEILING]
-    for name, result in methods.items():
+    assert list(report["regimes"]) == [regime]
+    part = report["regimes"][regime]
+    assert list(part["methods"]) == methods
+    for name, result in part["methods"].items():
         assert len(result["seeds"]) == 1
         summary = result["summary"]
         assert 0 <= summary["accuracy"]["mean"] <= 1 and summary["clean_loss"]["mean"] > 0
         assert 0 <= summary["corrupted_dropped_share"]["mean"] <= 1
-        if name not in ("full", noisy_sft.CEILING):
+        if name not in ("full", noisy_sft.ORACLE):
             assert summary["clean_dropped_share"]["mean"] + summary["corrupted_dropped_share"]["mean"] > 0
+    methods = part["methods"]
     assert methods["full"]["summary"]["corrupted_dropped_share"]["mean"] == 0
-    assert 0 < report["corrupted_share_of_response_tokens"] < 1
+    assert methods["recommended"]["summary"]["eos_dropped_share"]["mean"] == 0  # the response end is protected
+    assert methods[noisy_sft.ORACLE]["summary"]["corrupted_dropped_share"]["mean"] == 1  # masked, never trained
+    assert 0 < part["corrupted_share_of_response_tokens"] < 1
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_noisy_sft_help_documents_every_regime(capsys):
+    with pytest.raises(SystemExit):
+        noisy_sft.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for regime in noisy_sft.REGIMES:
+        assert f"  {regime} " in text
+
+
+def test_noisy_sft_refuses_unknown_regimes_and_methods(capsys):
+    for argv in (["--regimes", "noisy"], ["--methods", "full,magic"]):
+        with pytest.raises(SystemExit):
+            noisy_sft.parse_args(argv)
+        assert "unknown" in capsys.readouterr().err

@@ -95,7 +95,10 @@ class SSTokenCallback(TrainerCallback):
         self._undo.append(hook.remove)
         fused_forward = inner.forward
         history = self._history(trainer, inner, fused_forward, state.global_step)
-        self.selective_forward = SelectiveForward(fused_forward, self.config, hook, history)
+        vocab_size = inner.config.get_text_config().vocab_size
+        self.selective_forward = SelectiveForward(
+            fused_forward, self.config, hook, history, state.max_steps, vocab_size
+        )
         inner.forward = self.selective_forward
         self._undo.append(lambda: vars(inner).__setitem__("forward", fused_forward))
         owner = collate_owner(kwargs["train_dataloader"])

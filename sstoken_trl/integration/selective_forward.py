@@ -56,18 +56,22 @@ class SelectiveForward:
         config: SSTokenConfig,
         hook: AttnScoreHook,
         history: HistorySource | None,
+        max_steps: int = 0,
+        vocab_size: int = 0,
     ) -> None:
         self.forward = forward
         self.config = config
         self.hook = hook
         self.history = history
         self.global_step = 0
+        self.rel_warmup = config.rel_warmup(max_steps)
+        self.vocab_size = vocab_size
         self.calls = 0
         self.stats: torch.Tensor | None = None
         self.last: BatchSelection | None = None
 
     def gamma(self) -> float:
-        return 0.0 if self.global_step < self.config.rel_warmup_steps else self.config.gamma
+        return 0.0 if self.global_step < self.rel_warmup else self.config.gamma
 
     def __call__(self, *args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
         real_labels = kwargs.pop(REAL_LABELS, None)
@@ -95,7 +99,9 @@ class SelectiveForward:
         attn = self.hook.take()[:, 1:] if attending else torch.zeros_like(logp_cur)
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
-        score, keep, keep_rel = selector.select(self.config, Signals(layout, rel_values, attn, gamma, seed))
+        score, keep, keep_rel = selector.select(
+            self.config, Signals(layout, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
+        )
         self._record(kwargs, layout, rel_values, attn, score, keep, keep_rel)
         return self._masked(out, keep)
 

@@ -10,6 +10,7 @@ attention score when they are unused.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,7 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from sstoken_trl.scoring.layout import Layout
-from sstoken_trl.selection.equations import combine, minmax_normalise, top_ratio
+from sstoken_trl.selection.equations import (
+    clipped_rel,
+    combine,
+    minmax_normalise,
+    rank_normalise,
+    response_ends,
+    top_ratio,
+)
 
 if TYPE_CHECKING:
     from sstoken_trl.config import SSTokenConfig
@@ -33,26 +41,51 @@ class Signals:
     rel: torch.Tensor  # REL = log p_cur - log p_his = L_his - L_cur, (B, T-1)
     attn: torch.Tensor  # AttnScore on target positions, (B, T-1)
     gamma: float  # weight of REL at this step (0 during the REL warm-up)
-    seed: int  # seed of this micro-batch, for "random"
+    seed: int  # seed of this micro-batch: the random draw, and tie-breaks
+    logp_cur: torch.Tensor | None = None  # log p_cur on target positions, for his_loss_clip
+    vocab_size: int = 0  # of the model, for his_loss_clip
+
+
+REL_NORMS = {"minmax": minmax_normalise, "rank": rank_normalise}  # how REL is normalised within a sample
 
 
 def sstoken_select(
-    config: SSTokenConfig, layout: Layout, rel_values: torch.Tensor, attn: torch.Tensor, gamma: float
+    config: SSTokenConfig,
+    layout: Layout,
+    rel_values: torch.Tensor,
+    attn: torch.Tensor,
+    gamma: float,
+    seed: int = 0,
 ) -> SelectorOutput:
-    """ssToken (Eq. 3-11): Score = gamma * minmax(REL) + (1 - gamma) * AttnScore, top rho. Non-finite REL is dropped."""
+    """ssToken (Eq. 3-11): Score = gamma * norm(REL) + (1 - gamma) * AttnScore, top rho, ties broken by `seed`.
+
+    Non-finite REL is never kept but counts in n; with `protect_response_end` each response's last token is kept
+    first, inside the same ceil(rho * n).
+    """
     response = layout.response
     finite = response & rel_values.isfinite()
     samples, num_samples = layout.sample_ids(), layout.sample_id_bound
-    rel_norm = minmax_normalise(torch.nan_to_num(rel_values), samples, finite, num_samples)
+    normalise = REL_NORMS[config.rel_norm]
+    rel_norm = normalise(torch.nan_to_num(rel_values), samples, finite, num_samples)
     score = combine(rel_norm, attn, gamma)
     segment, num_segments = layout.segments(config.scope)
-    keep = top_ratio(score, segment, finite, num_segments, config.select_ratio)
-    keep_rel = top_ratio(rel_norm, segment, finite, num_segments, config.select_ratio)
+    ranked, ranked_rel = score, rel_norm
+    if config.protect_response_end:
+        ends = response_ends(response, samples)
+        ranked, ranked_rel = score.masked_fill(ends, torch.inf), rel_norm.masked_fill(ends, torch.inf)
+        finite = finite | ends
+    keep = top_ratio(ranked, segment, finite, num_segments, config.select_ratio, response, seed)
+    keep_rel = top_ratio(ranked_rel, segment, finite, num_segments, config.select_ratio, response, seed)
     return score, keep, keep_rel
 
 
 def sstoken(config: SSTokenConfig, s: Signals) -> SelectorOutput:
-    return sstoken_select(config, s.layout, s.rel, s.attn, s.gamma)
+    rel_values = s.rel
+    if config.his_loss_clip is not None:
+        if s.logp_cur is None or s.vocab_size < 2:
+            raise ValueError("his_loss_clip needs the current log-probs and the model's vocabulary size.")
+        rel_values = clipped_rel(s.rel, s.logp_cur, config.his_loss_clip * math.log(s.vocab_size))
+    return sstoken_select(config, s.layout, rel_values, s.attn, s.gamma, s.seed)
 
 
 def full(config: SSTokenConfig, s: Signals) -> SelectorOutput:
@@ -68,7 +101,7 @@ def uniform_random(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     score = torch.rand(response.shape, generator=generator, device=response.device)
     segment, num_segments = s.layout.segments(config.scope)
     keep = top_ratio(score, segment, response, num_segments, config.select_ratio)
-    return torch.where(response, score, 0.0), keep, keep
+    return torch.where(response, score, 0.0), keep, keep  # continuous draws: no ties to break
 
 
 def rho1(config: SSTokenConfig, s: Signals) -> SelectorOutput:
@@ -76,7 +109,9 @@ def rho1(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     excess = -s.rel
     finite = s.layout.response & excess.isfinite()
     segment, num_segments = s.layout.segments(config.scope)
-    keep = top_ratio(torch.nan_to_num(excess), segment, finite, num_segments, config.select_ratio)
+    keep = top_ratio(
+        torch.nan_to_num(excess), segment, finite, num_segments, config.select_ratio, s.layout.response, s.seed
+    )
     return torch.where(finite, excess, 0.0), keep, keep
 
 

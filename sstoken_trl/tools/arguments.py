@@ -16,15 +16,21 @@ from typing import Any
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.config import RECOMMENDED, SSTokenConfig
 from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
 
 PREFIX = "sstoken_"
 
 
-def _to_config(self: Any) -> SSTokenConfig:
-    """The `SSTokenConfig` these arguments describe."""
+def _to_config(self: Any, recommended: bool = False) -> SSTokenConfig:
+    """The `SSTokenConfig` these arguments describe; `recommended`: starting from `SSTokenConfig.recommended()`.
+
+    With `recommended`, a field left at the paper's default takes the recommended value; any other value wins.
+    """
     values = {f.name: getattr(self, PREFIX + f.name) for f in fields(SSTokenConfig)}
+    if recommended:
+        paper = SSTokenConfig()
+        values = {name: v if v != getattr(paper, name) else RECOMMENDED.get(name, v) for name, v in values.items()}
     return SSTokenConfig(**values)
 
 
@@ -56,6 +62,13 @@ SSTokenArguments.__doc__ = "`SSTokenConfig`'s fields, prefixed `sstoken_` (gener
 class RunArguments:
     """Settings of the sstoken-train command that are neither TRL's nor the selection's."""
 
+    sstoken_recommended: bool = field(
+        default=False,
+        metadata={
+            "help": "Start from SSTokenConfig.recommended() (docs/selectors.md) instead of the paper-exact settings; "
+            "sstoken_ keys set to a non-default value still win."
+        },
+    )
     sstoken_user_tag: str = field(
         default=USER_TAG, metadata={"help": "Tag that opens a user turn in template-text (`text`) samples."}
     )
@@ -145,7 +158,11 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
             "(--learning_rate 1e-4, --sstoken_select_ratio 0.6); `sstoken-train --help` lists them."
         )
     script, training, model, data, sstoken_args, run = values
-    return Recipe(script, training, model, data, sstoken_args.to_config(), run)
+    try:
+        sstoken = sstoken_args.to_config(recommended=run.sstoken_recommended)
+    except ValueError as err:
+        raise ValueError(f"Invalid ssToken setting (recipe keys and flags carry the prefix {PREFIX!r}): {err}") from err
+    return Recipe(script, training, model, data, sstoken, run)
 
 
 def _cell(text: str) -> str:

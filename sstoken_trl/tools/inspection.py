@@ -86,8 +86,9 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: 
             "The model needs TRL's fused LM head: call sstoken_trl.trl_internals.add_fused_lm_head(model)."
         )
     hook = hook_scoring_layer(inner, config)
-    step = SelectiveForward(inner.forward, config, hook, history_source(model, inner, config))
-    step.global_step = config.rel_warmup_steps  # past the warm-up: gamma as configured
+    vocab_size = inner.config.get_text_config().vocab_size
+    step = SelectiveForward(inner.forward, config, hook, history_source(model, inner, config), 0, vocab_size)
+    step.global_step = step.rel_warmup  # past the warm-up: gamma as configured
     try:
         with torch.no_grad():
             step(**batch, **{REAL_LABELS: batch["labels"]}, fused_lm_head=True, use_cache=False)

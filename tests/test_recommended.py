@@ -1,0 +1,44 @@
+"""The recommended selection is one recipe key away, and the paper-exact one stays the default."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sstoken_trl.config import RECOMMENDED, SSTokenConfig
+from sstoken_trl.tools.arguments import parse_recipe
+
+BASE = {"model_name_or_path": "m", "dataset_name": "d.jsonl", "output_dir": "o", "use_cpu": True, "bf16": False}
+
+
+def recipe(tmp_path, **keys) -> list[str]:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **keys}))
+    return ["--config", str(path)]
+
+
+def test_paper_exact_is_the_default():
+    assert SSTokenConfig().protect_response_end is False
+    assert SSTokenConfig().rel_norm == "minmax" and SSTokenConfig().his_loss_clip is None
+
+
+def test_recommended_key_gives_the_recommended_config(tmp_path):
+    config = parse_recipe(recipe(tmp_path, sstoken_recommended=True)).sstoken
+    assert config == SSTokenConfig.recommended()
+    assert parse_recipe(recipe(tmp_path)).sstoken == SSTokenConfig()
+
+
+def test_keys_set_away_from_the_paper_default_win_over_the_recommendation(tmp_path):
+    argv = recipe(tmp_path, sstoken_recommended=True, sstoken_select_ratio=0.8)
+    config = parse_recipe([*argv, "--sstoken_his_loss_clip", "2.0"]).sstoken
+    assert config == SSTokenConfig.recommended(select_ratio=0.8, his_loss_clip=2.0)
+    assert parse_recipe([*argv, "--sstoken_recommended", "false"]).sstoken == SSTokenConfig(select_ratio=0.8)
+
+
+def test_recommended_with_a_bad_value_fails_at_parse_time(tmp_path):
+    with pytest.raises(ValueError, match="sstoken_.*his_loss_clip"):
+        parse_recipe(recipe(tmp_path, sstoken_recommended=True, sstoken_his_loss_clip=-1.0))
+
+
+def test_every_recommended_field_is_a_config_field():
+    assert set(RECOMMENDED) <= set(SSTokenConfig.field_help())
