@@ -93,7 +93,8 @@ class RunArguments:
         default=False,
         metadata={
             "help": "Demo: if model_name_or_path does not exist, build a small LLaMA-shaped model and tokenizer "
-            "there from the training data and give it a short plain-SFT base training; reused when it exists."
+            "there (tokenizer from the training data) and give it a short plain-SFT base training on other generated "
+            "samples of three of the demo's five tasks; reused when it exists."
         },
     )
     sstoken_tiny_base_steps: int = field(

@@ -32,15 +32,17 @@ ANIMALS = "cat dog horse mouse eagle tiger".split()
 FRUITS = "apple pear plum cherry lemon mango".split()
 OPENERS = ["Sure!", "Of course.", "Happy to help.", "Certainly!", "Here you go.", "Good question."]
 SYSTEM = "You are a helpful assistant. "
+KINDS = ("repeat", "reverse", "add", "animal", "count")
+BASE_KINDS = ("repeat", "reverse", "animal")  # the base learns the template and these; fine-tuning adds the rest
 
 
 def _words(rng: random.Random, k: int) -> list[str]:
     return rng.sample(COLOURS + ANIMALS + FRUITS, k)
 
 
-def _task(rng: random.Random) -> tuple[str, str, int | None]:
+def _task(rng: random.Random, kinds: tuple[str, ...] = KINDS) -> tuple[str, str, int | None]:
     """(instruction, answer, the number a follow-up turn can double, if any)."""
-    kind = rng.choice(["repeat", "reverse", "add", "animal", "count"])
+    kind = rng.choice(list(kinds))
     if kind in ("repeat", "reverse", "count"):
         words = _words(rng, rng.randint(3, 5))
         listed = " ".join(words)
@@ -58,12 +60,12 @@ def _task(rng: random.Random) -> tuple[str, str, int | None]:
     return f"Which word names an animal: {', '.join(options)}?", f"The animal is {animal}.", None
 
 
-def demo_rows(n: int = DEMO_ROWS, seed: int = DEMO_SEED) -> list[dict[str, str]]:
+def demo_rows(n: int = DEMO_ROWS, seed: int = DEMO_SEED, kinds: tuple[str, ...] = KINDS) -> list[dict[str, str]]:
     """The demo's template-text samples; some open with a system line, some have a second turn."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        instruction, answer, number = _task(rng)
+        instruction, answer, number = _task(rng, kinds)
         text = (SYSTEM if rng.random() < 0.25 else "") + f"{USER_TAG}{instruction}{ASSISTANT_TAG}"
         text += f"{rng.choice(OPENERS)} {answer}"
         if number is not None and rng.random() < 0.5:
@@ -100,10 +102,15 @@ def pretrain(model: torch.nn.Module, collator: SSTokenCollator, dataset: Dataset
 
 
 def build_tiny_base(path: Path, dataset: Dataset, steps: int, seed: int, max_length: int | None) -> None:
-    """Tokenizer + tiny LLaMA-shaped model trained `steps` steps with plain SFT, saved at `path`."""
-    tokenizer = build_tokenizer(_corpus(dataset), vocab_size=DEMO_VOCAB)
+    """Tokenizer (from the training data) + tiny LLaMA-shaped model, saved at `path`.
+
+    Like a real base model, it has not seen the fine-tuning data: its `steps` steps of plain SFT run on other
+    generated samples of three of the demo's five tasks (BASE_KINDS), so it knows the template, the openers and
+    those tasks, and fine-tuning teaches counting and addition."""
+    base_rows = Dataset.from_list(demo_rows(seed=DEMO_SEED + 1 + seed, kinds=BASE_KINDS))
+    tokenizer = build_tokenizer(_corpus(dataset) + _corpus(base_rows), vocab_size=DEMO_VOCAB)
     model = build_model("llama", vocab_size=len(tokenizer), seed=seed, **DEMO_SHAPE)
-    pretrain(model, SSTokenCollator(tokenizer, max_length=max_length), dataset, steps, seed)
+    pretrain(model, SSTokenCollator(tokenizer, max_length=max_length), base_rows, steps, seed)
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -35,6 +35,9 @@ def main(out: str, mode: str) -> None:
     trainer.train()
     with open(f"{out}-rank{trainer.accelerator.process_index}.txt", "w") as f:
         f.write(str(trainer.state.log_history[-1]["train_loss"]))
+    # Leave the process group before exit: a gloo group torn down by the interpreter can abort a rank.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
