@@ -24,10 +24,9 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from benchmarks.alternate import MemoryProbe, TurnCallback, run_alternating, synchronize
-from benchmarks.step_cost import LLAMA, build_model, random_rows
-from benchmarks.step_report import summarise, targets
-from benchmarks.variants import Seat, make_trainers
+from benchmarks.alternate import MemoryProbe, synchronize
+from benchmarks.step_cost import LLAMA, build_model, random_rows, run_variants
+from benchmarks.step_report import targets
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.tools.tiny import build_tokenizer
 
@@ -84,21 +83,7 @@ def alternate(model: Any, variants: list[str], sizes: Sizes, device: torch.devic
     )  # fmt: skip
     vocab = model.get_base_model().config.vocab_size
     dataset = random_rows((sizes.warmup + sizes.steps) * sizes.batch, sizes.seq_len, sizes.prompt_len, vocab)
-    with tempfile.TemporaryDirectory(prefix="sstoken-gpu-check-") as tmp:
-        trainers, instruments = make_trainers(args, model, tokenizer(), dataset, device, tmp)
-        inner = model.get_base_model()
-        pristine = vars(inner)["forward"]
-        turns = {}
-        for name, trainer in trainers.items():
-            attn = "eager" if name == "output_attentions" else "sdpa"
-            turns[name] = TurnCallback(name, device, on_turn=Seat(inner, pristine, attn))
-            turns[name].step_extras = instruments[name].take
-            trainer.add_callback(turns[name])
-        errors = run_alternating(trainers, turns)
-    results = summarise(turns, sizes.warmup)
-    for name, err in errors.items():
-        results[name]["error"] = err
-    return results
+    return run_variants(args, model, tokenizer(), dataset, device)[0]
 
 
 def variant_rows(part: str, results: dict[str, dict]) -> list[dict[str, Any]]:

@@ -62,7 +62,7 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from sstoken_trl.adapters import attention_modules, get_adapter
+    from sstoken_trl.adapters import attention_modules
     from sstoken_trl.adapters.dispatch import record_attn_call
     from sstoken_trl.scoring.attn_score import attn_score_sdpa
     from sstoken_trl.scoring.hook import AttnScoreHook
@@ -88,7 +88,7 @@ def measure(seq_len: int, with_step: bool) -> dict[str, float]:
     with torch.no_grad():
         base.model(input_ids=input_ids, use_cache=False)
     grab.remove()
-    hook = AttnScoreHook(attn, get_adapter("llama"), "sdpa")
+    hook = AttnScoreHook(attn, "sdpa")
 
     # Default path (no active dropout in the layer): the score reads q and k off the training forward's own call.
     calls = []

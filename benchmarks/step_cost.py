@@ -86,6 +86,28 @@ def random_rows(n: int, seq_len: int, prompt_len: int, vocab_size: int, seed: in
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 
 
+def run_variants(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer: Any, dataset: Dataset, device: torch.device
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Train `args.variants` in turn on `model`: summarised step statistics (a failed variant's error included in
+    its entry) and the errors by variant."""
+    with tempfile.TemporaryDirectory(prefix="sstoken-bench-") as tmp:
+        trainers, instruments = make_trainers(args, model, tokenizer, dataset, device, tmp)
+        inner = model.get_base_model()
+        pristine = vars(inner)["forward"]
+        turns = {}
+        for name, trainer in trainers.items():
+            attn = "eager" if name == "output_attentions" else "sdpa"
+            turns[name] = TurnCallback(name, device, on_turn=Seat(inner, pristine, attn))
+            turns[name].step_extras = instruments[name].take
+            trainer.add_callback(turns[name])  # last: its step window encloses every other callback's step work
+        errors = run_alternating(trainers, turns)
+    results = summarise(turns, args.warmup)
+    for name, err in errors.items():
+        results[name]["error"] = err
+    return results, errors
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -102,20 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = build_tokenizer(["benchmark rows are random token ids"], vocab_size=300)
     rows = (args.warmup + args.steps) * args.batch
     dataset = random_rows(rows, args.seq_len, args.prompt_len, shape["model"]["vocab_size"])
-    with tempfile.TemporaryDirectory(prefix="sstoken-bench-") as tmp:
-        trainers, instruments = make_trainers(args, model, tokenizer, dataset, device, tmp)
-        inner = model.get_base_model()
-        pristine = vars(inner)["forward"]
-        turns = {}
-        for name, trainer in trainers.items():
-            attn = "eager" if name == "output_attentions" else "sdpa"
-            turns[name] = TurnCallback(name, device, on_turn=Seat(inner, pristine, attn))
-            turns[name].step_extras = instruments[name].take
-            trainer.add_callback(turns[name])  # last: its step window encloses every other callback's step work
-        errors = run_alternating(trainers, turns)
-    results = summarise(turns, args.warmup)
-    for name, err in errors.items():
-        results[name]["error"] = err
+    results, errors = run_variants(args, model, tokenizer, dataset, device)
     report = {
         "benchmark": "step_cost",
         "shape": args.shape,

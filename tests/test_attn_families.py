@@ -43,7 +43,7 @@ def hooked(
     recompute: bool = False,
 ):
     m = model(model_type, impl)
-    hook = AttnScoreHook(attention_modules(m)[layer], get_adapter(model_type), backend)
+    hook = AttnScoreHook(attention_modules(m)[layer], backend)
     hook.always_recompute = recompute
     layout = batch_layout(labels, inputs.get("attention_mask"), inputs.get("position_ids"))
     hook.arm(layout)
@@ -93,7 +93,7 @@ def test_scoring_in_the_training_forward_leaves_its_output_and_config_alone(mode
     with torch.no_grad():
         plain = m(**inputs, use_cache=False).logits
     attn = attention_modules(m)[1]
-    hook = AttnScoreHook(attn, get_adapter(model_type), "sdpa")
+    hook = AttnScoreHook(attn, "sdpa")
     hook.arm(batch_layout(labels, None, inputs["position_ids"]))
     with torch.no_grad():
         scored = m(**inputs, use_cache=False).logits
@@ -139,7 +139,7 @@ def test_flash_attention_2_training_forward_when_installed():
         pytest.skip("flash_attention_2 needs a GPU")
     inputs, labels = make_batch("packed")
     m = build_family_model("llama", VOCAB, "flash_attention_2").to("cuda", torch.bfloat16).eval()
-    hook = AttnScoreHook(attention_modules(m)[1], get_adapter("llama"), "sdpa")
+    hook = AttnScoreHook(attention_modules(m)[1], "sdpa")
     layout = batch_layout(labels.cuda(), None, inputs["position_ids"].cuda())
     hook.arm(layout)
     with torch.no_grad():

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sstoken_trl.adapters import get_adapter
 from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.tools.tiny import build_model
@@ -46,7 +45,7 @@ def eager_reference(model_type: str, inputs: dict, labels: torch.Tensor, layer: 
 
 def hooked_score(model_type: str, inputs: dict, labels: torch.Tensor, layer: int, backend: str, **shape):
     model = build_model(model_type, VOCAB, attn_implementation="sdpa", **shape).eval()
-    hook = AttnScoreHook(model.model.layers[layer].self_attn, get_adapter(model_type), backend)
+    hook = AttnScoreHook(model.model.layers[layer].self_attn, backend)
     layout = batch_layout(labels, inputs.get("attention_mask"), inputs.get("position_ids"))
     hook.arm(layout)
     with torch.no_grad():
@@ -130,7 +129,7 @@ def test_lora_dropout_is_off_while_scoring():
     scores = []
     for train in (True, True, False):
         peft_model.train(train)
-        hook = AttnScoreHook(attn, get_adapter("llama"), "sdpa")
+        hook = AttnScoreHook(attn, "sdpa")
         hook.arm(layout)
         with torch.no_grad():
             peft_model(**inputs, use_cache=False)

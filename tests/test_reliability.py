@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl.trainer.utils import add_fused_lm_head
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.adapters import get_adapter
 from sstoken_trl.history import ModelHistory
 from sstoken_trl.integration.selective_forward import SelectiveForward
 from sstoken_trl.scoring.hook import AttnScoreHook
@@ -40,7 +39,7 @@ def test_micro_batch_without_response_tokens_gives_zero_loss_not_nan():
 
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     inner = peft_model.get_base_model()
-    hook = AttnScoreHook(inner.model.layers[-1].self_attn, get_adapter("llama"), "sdpa")
+    hook = AttnScoreHook(inner.model.layers[-1].self_attn, "sdpa")
     from sstoken_trl.history import BaseHistory
 
     step = SelectiveForward(inner.forward, SSTokenConfig(), hook, BaseHistory(peft_model))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sstoken_trl.adapters import AttnAdapter, attention_modules, get_adapter
+from sstoken_trl.adapters import attention_modules, get_adapter
 from sstoken_trl.adapters.dispatch import intercept, model_attention, record_attn_call
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.dropout import dropout_off
@@ -26,9 +26,8 @@ from sstoken_trl.scoring.layout import Layout
 class AttnScoreHook:
     """Computes AttnScore (B, T) at `attn_module` during the next forward after `arm`."""
 
-    def __init__(self, attn_module: nn.Module, adapter: AttnAdapter, backend: str) -> None:
+    def __init__(self, attn_module: nn.Module, backend: str) -> None:
         self.attn_module = attn_module
-        self.adapter = adapter
         self.score_fn = BACKENDS[backend]
         self._layout: Layout | None = None
         self._score: torch.Tensor | None = None
@@ -88,6 +87,6 @@ def has_active_dropout(module: nn.Module) -> bool:
 
 def hook_scoring_layer(model: nn.Module, config: SSTokenConfig) -> AttnScoreHook:
     """Hook the attention module of decoder layer `config.attn_layer` of a causal LM (the one under PEFT)."""
-    adapter = get_adapter(model.config.model_type)
+    get_adapter(model.config.model_type)  # an unsupported family stops here, naming the supported ones
     modules = attention_modules(model)
-    return AttnScoreHook(modules[config.layer_index(len(modules))], adapter, config.attn_backend)
+    return AttnScoreHook(modules[config.layer_index(len(modules))], config.attn_backend)
