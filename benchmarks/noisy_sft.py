@@ -80,6 +80,13 @@ METHODS: dict[str, dict[str, Any]] = {
         gamma=0.5, history="ema", ema_alpha=0.0, ema_update_steps=25, protect_response_end=True
     ),
     "warmup_protect_g0.5": dict(gamma=0.5, rel_warmup_ratio=0.2, protect_response_end=True),
+    "warm_base_g0.5": dict(gamma=0.5, select_warmup_ratio=0.2, rel_norm="rank", protect_response_end=True),
+    "warm_snap_g0.5": dict(
+        gamma=0.5, select_warmup_ratio=0.2, history="snapshot", rel_norm="rank", protect_response_end=True
+    ),
+    "warm_snap_g1": dict(gamma=1.0, select_warmup_ratio=0.2, history="snapshot", protect_response_end=True),
+    "warm_clip_0.2_g0.5": dict(RECOMMENDED, select_warmup_ratio=0.2, gamma=0.5),
+    "warm_clip_0.4_g0.5": dict(RECOMMENDED, gamma=0.5),
     "recommended": dict(RECOMMENDED),
     "oracle": dict(selector="full"),  # on the oracle rows: corrupted / filler labels masked
 }

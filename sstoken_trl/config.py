@@ -57,6 +57,13 @@ class SSTokenConfig:
             "(the published code: its first 10,000 of 50,000 samples, 0.2). In [0, 1); set one of the two."
         },
     )
+    select_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training (of max_steps) at the start trained on every response token, before "
+            "selection starts: at step 0 the history equals the current model, so REL says nothing yet. In [0, 1)."
+        },
+    )
     rel_norm: str = field(
         default="minmax",
         metadata={
@@ -82,7 +89,8 @@ class SSTokenConfig:
         default="base",
         metadata={
             "help": "Where L_his comes from: 'base' (PEFT adapters disabled), 'model' (a separate frozen model), "
-            "'ema' (EMA of the trained weights), 'cache' (per-token base losses stored on disk)."
+            "'ema' (EMA of the trained weights), 'snapshot' (the trained model as it was when the selection "
+            "warm-up ended; needs select_warmup_ratio > 0), 'cache' (per-token base losses stored on disk)."
         },
     )
     history_model: str | None = field(
@@ -140,6 +148,16 @@ class SSTokenConfig:
                 f"rel_warmup_steps={self.rel_warmup_steps} and rel_warmup_ratio={self.rel_warmup_ratio} both set "
                 "the REL warm-up; set only one of them."
             )
+        if not 0.0 <= self.select_warmup_ratio < 1.0:
+            raise ValueError(
+                f"select_warmup_ratio={self.select_warmup_ratio} must be in [0, 1): a share of max_steps trained on "
+                "every token."
+            )
+        if self.history == "snapshot" and not self.select_warmup_ratio:
+            raise ValueError(
+                "history='snapshot' is the model at the end of the selection warm-up; set select_warmup_ratio > 0 "
+                "(for example 0.2)."
+            )
         if not 0.0 <= self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha={self.ema_alpha} must be in [0, 1]: it is the weight kept by the history EMA.")
         if self.ema_update_steps < 1:
@@ -165,6 +183,10 @@ class SSTokenConfig:
         """Optimizer steps of the REL warm-up (gamma 0), rel_warmup_ratio resolved against max_steps."""
         return max(self.rel_warmup_steps, math.ceil(self.rel_warmup_ratio * max_steps - 1e-9))
 
+    def select_warmup(self, max_steps: int) -> int:
+        """Optimizer steps at the start trained on every response token (select_warmup_ratio of max_steps)."""
+        return math.ceil(self.select_warmup_ratio * max_steps - 1e-9)
+
     def layer_index(self, num_layers: int) -> int:
         """Resolve attn_layer against a model with num_layers decoder layers, or raise."""
         index = self.attn_layer + num_layers if self.attn_layer < 0 else self.attn_layer
@@ -186,4 +208,6 @@ RECOMMENDED: dict[str, Any] = {
     "protect_response_end": True,
     "rel_norm": "rank",
     "his_loss_clip": 1.0,
+    "select_warmup_ratio": 0.4,
+    "gamma": 1.0,
 }

@@ -28,7 +28,7 @@ def test_step_cost_writes_every_variant(tmp_path):
     assert variants["sft"]["score_s"] == 0
 
 
-MINIMAL = ["--seeds", "0", "--train", "48", "--steps", "3", "--base-steps", "4", "--ref-steps", "2", "--eval", "12"]
+MINIMAL = ["--seeds", "0", "--train", "48", "--steps", "5", "--base-steps", "4", "--ref-steps", "2", "--eval", "12"]
 
 
 @pytest.mark.parametrize("regime", noisy_sft.REGIMES)

@@ -48,7 +48,7 @@ def demo(tmp_path_factory):
     """The demo, built and trained once by two processes with the network off (fewer steps than the recipe)."""
     root = tmp_path_factory.mktemp("demo")
     flags = ["--model_name_or_path", str(root / "base"), "--output_dir", str(root / "sstoken")]
-    done = run_demo(*flags, "--sstoken_tiny_base_steps", "10", "--max_steps", "3", "--logging_steps", "1", processes=2)
+    done = run_demo(*flags, "--sstoken_tiny_base_steps", "10", "--max_steps", "5", "--logging_steps", "1", processes=2)
     assert done.returncode == 0, done.stderr[-5000:]
     return root, flags, done
 
@@ -60,7 +60,7 @@ def test_demo_builds_trains_and_reports(demo):
         assert (root / "base" / name).is_file()
     assert (root / "sstoken" / "adapter_model.safetensors").is_file()
     assert "ssToken selection of the last micro-batch: 8 samples" in done.stdout
-    assert "last logged step 3: selected_fraction" in done.stdout
+    assert "last logged step 5: selected_fraction" in done.stdout
     page = Page((root / "sstoken" / "selection.html").read_text())
     assert len(page.samples) == 8
     statuses = {t["status"] for sample in page.samples for t in sample}

@@ -11,6 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from trl.scripts.sft import make_parser as trl_sft_parser
 
+from sstoken_trl import SSTokenConfig
 from sstoken_trl.tools.arguments import PREFIX, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,8 @@ def test_recipe_holds_the_paper_settings(path):
     assert (training.num_train_epochs, training.max_length, training.bf16, model.dtype) == (1, 2048, True, "bfloat16")
     processes = 1 if qlora else 8
     assert training.per_device_train_batch_size * training.gradient_accumulation_steps * processes == 48
-    assert (sstoken.select_ratio, sstoken.gamma, sstoken.selector) == (rho, 0.5, "sstoken")
+    assert (sstoken.select_ratio, sstoken.selector) == (rho, "sstoken")
+    assert sstoken == SSTokenConfig.recommended(select_ratio=rho)  # the paper's rho, the recommended selection
     assert model.load_in_4bit == qlora
     if qlora:
         assert model.bnb_4bit_quant_type == "nf4"

@@ -3,6 +3,7 @@
 - "base": the trained model with its PEFT adapters disabled (base.py)
 - "model": a separate frozen model (model.py)
 - "ema": an EMA of the trained weights, paper Eq. 4 (ema.py)
+- "snapshot": the trained weights at the end of the selection warm-up (snapshot.py)
 - "cache": the base model's per-token losses, computed once and stored on disk (cache.py)
 """
 
@@ -14,12 +15,14 @@ from sstoken_trl.history.base import BaseHistory
 from sstoken_trl.history.cache import CacheHistory
 from sstoken_trl.history.ema import EMAHistory
 from sstoken_trl.history.model import ModelHistory
+from sstoken_trl.history.snapshot import SnapshotHistory
 from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
 
 HISTORY_SOURCES: dict[str, Callable[[HistoryContext], HistorySource]] = {
     "base": BaseHistory.from_context,
     "model": ModelHistory.from_context,
     "ema": EMAHistory.from_context,
+    "snapshot": SnapshotHistory.from_context,
     "cache": CacheHistory.from_context,
 }
 
@@ -38,5 +41,6 @@ __all__ = [
     "HistoryContext",
     "HistorySource",
     "ModelHistory",
+    "SnapshotHistory",
     "build_history",
 ]

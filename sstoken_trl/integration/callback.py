@@ -62,6 +62,7 @@ class SSTokenCallback(TrainerCallback):
         self.selective_forward: SelectiveForward | None = None
         self._undo: list[Callable[[], None]] = []
         self._collate_fn = None
+        self._budget: SelectionBudget | None = None
         if trainer is not None:
             self._attach(trainer)
 
@@ -103,7 +104,9 @@ class SSTokenCallback(TrainerCallback):
         self._undo.append(lambda: vars(inner).__setitem__("forward", fused_forward))
         owner = collate_owner(kwargs["train_dataloader"])
         collate_fn = self._collate_fn = owner.collate_fn
-        budget = SelectionBudget(collate_fn, budget_ratio(self.config), self.config.scope)
+        warmup = self.config.select_warmup(state.max_steps)
+        budget = self._budget = SelectionBudget(collate_fn, budget_ratio(self.config), self.config.scope, warmup)
+        budget.set_step(state.global_step)
         owner.collate_fn = history.wrap_collate(budget) if history is not None else budget
         self._undo.append(lambda: setattr(owner, "collate_fn", collate_fn))
 
@@ -138,6 +141,7 @@ class SSTokenCallback(TrainerCallback):
             set_metric(trainer, f"sstoken/{key}", total)
         if self.history is not None:
             self.history.after_optimizer_step(state.global_step)
+        self._budget.set_step(state.global_step)  # batches are collated before on_step_begin of their step
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Store the history state (EMA weights, cache fingerprint) in the checkpoint just written."""

@@ -2,7 +2,8 @@
 
 It replaces the `forward` of the model that carries TRL's fused LM head. TRL's compute_loss then sums
 `-log_probs` (zero off the kept tokens) and divides by `num_items_in_batch`, which `SelectionBudget` made
-the kept-token count: the loss is the mean NLL over the selected tokens.
+the kept-token count: the loss is the mean NLL over the selected tokens. Rows the budget stamped as
+selection warm-up keep every response token; no history or attention forward runs before the warm-up ends.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistorySource
 from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import Layout, batch_layout
-from sstoken_trl.selection.budget import REAL_LABELS
+from sstoken_trl.selection.budget import REAL_LABELS, WARMUP_ROWS
 from sstoken_trl.selection.equations import rel
 from sstoken_trl.selection.selectors import Signals, get_selector, micro_batch_seed
 
@@ -65,6 +66,7 @@ class SelectiveForward:
         self.history = history
         self.global_step = 0
         self.rel_warmup = config.rel_warmup(max_steps)
+        self.select_warmup = config.select_warmup(max_steps)
         self.vocab_size = vocab_size
         self.calls = 0
         self.stats: torch.Tensor | None = None
@@ -84,14 +86,17 @@ class SelectiveForward:
                 "compute_loss). ssToken refuses to train plain SFT silently; use the default SFT loss."
             )
         kwargs["labels"] = real_labels
+        warm_rows = kwargs.pop(WARMUP_ROWS, None)
         layout = batch_layout(real_labels, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        warm = layout.response & warm_rows[:, None] if warm_rows is not None else torch.zeros_like(layout.response)
         gamma = self.gamma()
         selector = get_selector(self.config.selector)
-        needs_history = self.history is not None and selector.needs_history(gamma)
+        selecting = self.global_step >= self.select_warmup  # before: every row is a warm-up row
+        needs_history = self.history is not None and selector.needs_history(gamma) and selecting
         logp_his = self.history.log_probs(self.forward, kwargs) if needs_history else None
         if self.history is not None:
             self.history.strip_batch(kwargs)  # fields the history source added; the model must not see them
-        attending = selector.needs_attention(gamma)
+        attending = selector.needs_attention(gamma) and selecting
         if attending:
             self.hook.arm(layout)
         out = self.forward(*args, fused_lm_head=True, **kwargs)
@@ -99,9 +104,11 @@ class SelectiveForward:
         attn = self.hook.take()[:, 1:] if attending else torch.zeros_like(logp_cur)
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
+        selected = replace(layout, response=layout.response & ~warm)
         score, keep, keep_rel = selector.select(
-            self.config, Signals(layout, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
+            self.config, Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
         )
+        keep, keep_rel = keep | warm, keep_rel | warm
         self._record(kwargs, layout, rel_values, attn, score, keep, keep_rel)
         return self._masked(out, keep)
 

@@ -6,29 +6,52 @@ a count known from the labels alone. The wrapped collator therefore emits `label
 labels per sample (the first ones) and carries the real labels under `sstoken_labels`; the selective forward
 swaps them back before computing log-probs. The loss becomes the mean NLL over kept tokens of the window,
 correct under gradient accumulation and across processes, without touching the trainer.
+
+During the selection warm-up (the first `warmup_steps` optimizer steps) every response token is counted and
+kept. The collator stamps each row with whether it was counted so (`sstoken_warmup`, read from the step the
+callback last set, shared with data-loader worker processes); the selective forward keeps what the stamp says,
+so count and selection agree even when batches are collated ahead of their step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from sstoken_trl.data.spans import IGNORE_INDEX
-from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.equations import first_ratio
 
 REAL_LABELS = "sstoken_labels"
+WARMUP_ROWS = "sstoken_warmup"
+
+
+def counted_tokens(layout: Layout, scope: str, select_ratio: float, warm_rows: torch.Tensor | None) -> torch.Tensor:
+    """(B, T-1) the positions the budget counts: ceil(rho * n) per segment, every response token of warm rows."""
+    if warm_rows is None:
+        segment, num_segments = layout.segments(scope)
+        return first_ratio(segment, layout.response, num_segments, select_ratio)
+    warm = layout.response & warm_rows[:, None]
+    return counted_tokens(replace(layout, response=layout.response & ~warm), scope, select_ratio, None) | warm
 
 
 class SelectionBudget:
     """Collate function wrapper: `labels` count the tokens that will be kept; real labels ride along."""
 
-    def __init__(self, collate_fn: Callable[[list], dict[str, Any]], select_ratio: float, scope: str) -> None:
+    def __init__(
+        self, collate_fn: Callable[[list], dict[str, Any]], select_ratio: float, scope: str, warmup_steps: int = 0
+    ) -> None:
         self.collate_fn = collate_fn
         self.select_ratio = select_ratio
         self.scope = scope
+        self.warmup_steps = warmup_steps
+        self.step = torch.zeros((), dtype=torch.long).share_memory_()  # seen by data-loader workers too
+
+    def set_step(self, global_step: int) -> None:
+        self.step.fill_(global_step)
 
     def __call__(self, examples: list) -> dict[str, Any]:
         batch = self.collate_fn(examples)
@@ -36,8 +59,11 @@ class SelectionBudget:
             raise ValueError("ssToken does not support collators that emit pre-shifted `shift_labels`.")
         labels = batch["labels"]
         layout = batch_layout(labels, batch.get("attention_mask"), batch.get("position_ids"))
-        segment, num_segments = layout.segments(self.scope)
-        counted = first_ratio(segment, layout.response, num_segments, self.select_ratio)
+        warm_rows = None
+        if self.warmup_steps:
+            warm_rows = torch.full((labels.size(0),), bool(self.step < self.warmup_steps), device=labels.device)
+            batch[WARMUP_ROWS] = warm_rows
+        counted = counted_tokens(layout, self.scope, self.select_ratio, warm_rows)
         batch[REAL_LABELS] = labels
         batch["labels"] = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(~counted, IGNORE_INDEX)], dim=1)
         return batch
