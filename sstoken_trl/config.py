@@ -67,8 +67,9 @@ class SSTokenConfig:
     rel_norm: str = field(
         default="minmax",
         metadata={
-            "help": "Normalisation of REL within a sample: 'minmax' (the paper) or 'rank' (percentile rank, so one "
-            "outlier cannot squeeze the other tokens together)."
+            "help": "Normalisation of REL within a sample: 'minmax' (the paper), 'rank' (percentile rank, so one "
+            "outlier cannot squeeze the other tokens together) or 'none' (REL in nats, comparable across samples: "
+            "with scope='batch' one threshold over the micro-batch)."
         },
     )
     his_loss_clip: float | None = field(
@@ -173,6 +174,11 @@ class SSTokenConfig:
                 f"his_loss_clip={self.his_loss_clip} must be > 0 (a multiple of log(vocab size)), or None for off."
             )
         _one_of("rel_norm", self.rel_norm, REL_NORMS)
+        if self.rel_norm == "none" and self.gamma < 1.0 and self.selector == "sstoken":
+            raise ValueError(
+                f"rel_norm='none' keeps REL in nats, which cannot be mixed with AttnScore (in [0, 1]) at "
+                f"gamma={self.gamma}: use gamma=1.0, or rel_norm='rank' (or 'minmax') to mix the two."
+            )
 
     @classmethod
     def recommended(cls, **overrides: Any) -> SSTokenConfig:
@@ -205,9 +211,11 @@ class SSTokenConfig:
 
 # What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why).
 RECOMMENDED: dict[str, Any] = {
-    "protect_response_end": True,
-    "rel_norm": "rank",
-    "his_loss_clip": 1.0,
-    "select_warmup_ratio": 0.4,
+    "select_ratio": 0.8,
     "gamma": 1.0,
+    "scope": "batch",
+    "rel_norm": "none",
+    "his_loss_clip": 1.0,
+    "protect_response_end": True,
+    "select_warmup_ratio": 0.5,
 }

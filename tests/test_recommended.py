@@ -42,3 +42,18 @@ def test_recommended_with_a_bad_value_fails_at_parse_time(tmp_path):
 
 def test_every_recommended_field_is_a_config_field():
     assert set(RECOMMENDED) <= set(SSTokenConfig.field_help())
+
+
+def test_keys_given_at_the_paper_default_win_too(tmp_path):
+    argv = recipe(tmp_path, sstoken_recommended=True, sstoken_select_ratio=0.6)  # the paper's rho, in the recipe
+    config = parse_recipe([*argv, "--sstoken_scope=sample", "--sstoken_select_warmup_ratio", "0.0"]).sstoken
+    assert config == SSTokenConfig.recommended(select_ratio=0.6, scope="sample", select_warmup_ratio=0.0)
+    assert config.select_ratio != SSTokenConfig.recommended().select_ratio  # it did not take the recommended rho
+
+
+def test_paper_gamma_with_rel_in_nats_is_refused_with_what_to_do(tmp_path):
+    argv = recipe(tmp_path, sstoken_recommended=True)
+    with pytest.raises(ValueError, match="use gamma=1.0, or rel_norm='rank'"):
+        parse_recipe([*argv, "--sstoken_gamma", "0.5"])
+    config = parse_recipe([*argv, "--sstoken_gamma", "0.5", "--sstoken_rel_norm", "rank"]).sstoken
+    assert (config.gamma, config.rel_norm, config.scope) == (0.5, "rank", "batch")

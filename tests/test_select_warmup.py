@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.selection.budget import REAL_LABELS, WARMUP_ROWS, SelectionBudget
 from sstoken_trl.selection.equations import kept_count
-from sstoken_trl.tools.tiny import build_model
 from sstoken_trl.trl_internals import collate_owner
-from tests.conftest import cpu_sft_args, prompt_completion_rows
+from tests.test_history_ema import trainer_for
 
 
 def labels_batch(examples: list) -> dict[str, torch.Tensor]:
@@ -69,28 +65,17 @@ class CountCheck(TrainerCallback):
         self.fractions.append(float(selection.keep.sum() / selection.response.sum()))
 
 
-def warmup_trainer(tokenizer, config: SSTokenConfig, max_steps: int, tmp_path) -> tuple[SFTTrainer, SSTokenCallback]:
-    sstoken = SSTokenCallback(config)
-    args = cpu_sft_args(output_dir=str(tmp_path), max_steps=max_steps, learning_rate=5e-2)
-    trainer = SFTTrainer(
-        model=build_model("llama", len(tokenizer)),
-        args=SFTConfig(**args),
-        train_dataset=Dataset.from_list(prompt_completion_rows(32)),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules="all-linear"),
-        callbacks=[sstoken],
-    )
-    return trainer, sstoken
-
-
-def test_training_keeps_every_token_until_the_warmup_ends_and_counts_match(tokenizer, tmp_path):
-    trainer, sstoken = warmup_trainer(tokenizer, SSTokenConfig(select_warmup_ratio=0.5), 6, tmp_path)
+@pytest.mark.parametrize(
+    "config", [SSTokenConfig(select_warmup_ratio=0.5), SSTokenConfig.recommended()], ids=["sample", "recommended"]
+)
+def test_training_keeps_every_token_until_the_warmup_ends_and_counts_match(tokenizer, tmp_path, config):
+    trainer, sstoken = trainer_for(tokenizer, config, tmp_path, max_steps=6)
     check = CountCheck(sstoken)
     trainer.add_callback(check)
     trainer.train()
     assert len(check.fractions) == 6
     assert check.fractions[:3] == [1.0, 1.0, 1.0]  # ceil(0.5 * 6) warm-up steps
-    assert check.fractions[-1] < 0.75  # selecting: ceil(0.6 n) of each sample
+    assert check.fractions[-1] < config.select_ratio + 0.1  # selecting: ceil(rho n) per sample or per micro-batch
 
 
 class Weights(TrainerCallback):
@@ -104,7 +89,7 @@ class Weights(TrainerCallback):
 
 def test_snapshot_history_holds_the_weights_at_the_end_of_the_warmup(tokenizer, tmp_path):
     config = SSTokenConfig(select_warmup_ratio=0.5, history="snapshot", gamma=1.0)
-    trainer, sstoken = warmup_trainer(tokenizer, config, 4, tmp_path)
+    trainer, sstoken = trainer_for(tokenizer, config, tmp_path, max_steps=4)
     weights = Weights(at_step=2)
     trainer.add_callback(weights)
     trainer.train()

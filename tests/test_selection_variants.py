@@ -188,6 +188,23 @@ def test_recommended_config_and_overrides():
     config = SSTokenConfig.recommended(select_ratio=0.7)
     assert config.select_ratio == 0.7
     for name, value in RECOMMENDED.items():
-        assert getattr(config, name) == value != getattr(SSTokenConfig(), name)
+        assert getattr(SSTokenConfig.recommended(), name) == value != getattr(SSTokenConfig(), name)
     assert SSTokenConfig.recommended(protect_response_end=False).protect_response_end is False
     assert math.isclose(SSTokenConfig.recommended().gamma, RECOMMENDED.get("gamma", 0.5))
+
+
+def test_raw_rel_over_the_batch_is_one_threshold_across_samples():
+    # Two samples of 5 response tokens: a clean one (high REL) and a noisy one (low REL); top ceil(0.6 * 10) = 6.
+    labels = torch.tensor([[-100] + [5] * 5, [-100] + [5] * 5])
+    layout = batch_layout(labels)
+    g = torch.Generator().manual_seed(0)
+    rel_values = torch.cat([torch.rand(1, 5, generator=g) + 2.0, torch.rand(1, 5, generator=g) - 2.0])
+    rel_values[1, 0] = 5.0  # one token of the noisy sample beats them all
+    config = SSTokenConfig(select_ratio=0.6, gamma=1.0, scope="batch", rel_norm="none")
+    _, keep, _ = sstoken_select(config, layout, rel_values, torch.zeros(2, 5), 1.0)
+    flat = [(float(v), (row, col)) for row in range(2) for col, v in enumerate(rel_values[row])]
+    expected = {where for _, where in sorted(flat, reverse=True)[:6]}  # a plain global top 6
+    assert {(r, c) for r, c in keep.nonzero().tolist()} == expected
+    assert keep.sum(1).tolist() == [5, 1]
+    per_sample = sstoken_select(SSTokenConfig(select_ratio=0.6, gamma=1.0), layout, rel_values, torch.zeros(2, 5), 1.0)
+    assert per_sample[1].sum(1).tolist() == [3, 3]  # the paper's quota: ceil(0.6 * 5) of each sample

@@ -159,6 +159,37 @@ def test_inspect_matches_the_reference_selection(inspect_setup, tokenizer, capsy
     assert "Selection page:" in capsys.readouterr().out
 
 
+def test_inspect_with_the_recommended_config_matches_a_plain_loop(inspect_setup, tokenizer):
+    root, rows = inspect_setup
+    output = root / "recommended.html"
+    args = ["--model", str(root / "model"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl")]
+    run_inspect([*args, "--num_samples", "4", "--output", str(output), "--sstoken_recommended", "true"])
+    config = SSTokenConfig.recommended()
+    base = AutoModelForCausalLM.from_pretrained(root / "model")
+    model = PeftModel.from_pretrained(base, root / "adapter").eval()
+    batch = SSTokenCollator(tokenizer, max_length=1024)(rows[:4])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        logp_cur = token_log_probs(model(**inputs).logits, batch["input_ids"])
+        with model.disable_adapter():
+            logp_his = token_log_probs(model(**inputs).logits, batch["input_ids"])
+    clip = config.his_loss_clip * math.log(base.config.vocab_size)
+    tokens = []  # (score, sample, position): REL with L_his clipped, each response's last token first
+    for b in range(4):
+        positions = (batch["labels"][b, 1:] != -100).nonzero().flatten().tolist()
+        for t in positions:
+            rel = min(-float(logp_his[b, t]), clip) + float(logp_cur[b, t])
+            tokens.append((math.inf if t == positions[-1] else rel, b, t))
+    kept = sorted(tokens, reverse=True)[: math.ceil(config.select_ratio * len(tokens))]  # one threshold, 4 samples
+    page = Page(output.read_text())
+    for b, sample in enumerate(page.samples):
+        scored = [t["status"] in ("kept", "attention") for t in sample if t["status"] != "prompt"]
+        expected = sorted(t for _, s, t in kept if s == b)
+        positions = (batch["labels"][b, 1:] != -100).nonzero().flatten().tolist()
+        assert scored == [t in expected for t in positions]
+        assert scored[-1]  # the protected end
+
+
 def test_inspect_command_without_adapter_ranks_by_attention(inspect_setup, tmp_path):
     root, _ = inspect_setup
     command = shutil.which("sstoken-inspect")

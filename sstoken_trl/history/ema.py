@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -23,6 +23,9 @@ from torch import nn
 
 from sstoken_trl.dropout import dropout_off
 from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
+
+if TYPE_CHECKING:
+    from sstoken_trl.config import SSTokenConfig
 
 EMA_FILE = "sstoken_ema.safetensors"
 FORMAT = "sstoken-ema/1"
@@ -46,15 +49,19 @@ class EMAHistory(HistorySource):
 
     @classmethod
     def from_context(cls, context: HistoryContext) -> EMAHistory:
-        trainer = context.require_trainer("ema")
+        source = "snapshot" if context.config.history == "snapshot" else "ema"
+        trainer = context.require_trainer(source)
         if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            raise ValueError("history='ema' swaps whole parameters in and out; FSDP and DeepSpeed shard them.")
-        config = context.config
-        ema = cls(context.model, config.ema_alpha, config.ema_update_steps, config.ema_on_cpu)
+            raise ValueError(f"history={source!r} swaps whole parameters in and out; FSDP and DeepSpeed shard them.")
+        history = cls.build(context.model, context.config, trainer.state.max_steps)
         folder = context.resume_folder()
         if folder is not None:
-            ema.restore(folder)
-        return ema
+            history.restore(folder)
+        return history
+
+    @classmethod
+    def build(cls, model: nn.Module, config: SSTokenConfig, max_steps: int) -> EMAHistory:
+        return cls(model, config.ema_alpha, config.ema_update_steps, config.ema_on_cpu)
 
     def numel(self) -> int:
         """Number of averaged values (the adapter size under PEFT)."""

@@ -10,10 +10,14 @@ Storage, the swap for a history forward and checkpointing are the EMA source's (
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from sstoken_trl.history.ema import EMAHistory
-from sstoken_trl.history.source import HistoryContext
+
+if TYPE_CHECKING:
+    from sstoken_trl.config import SSTokenConfig
 
 
 class SnapshotHistory(EMAHistory):
@@ -24,16 +28,8 @@ class SnapshotHistory(EMAHistory):
         self.at_step = at_step
 
     @classmethod
-    def from_context(cls, context: HistoryContext) -> SnapshotHistory:
-        trainer = context.require_trainer("snapshot")
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            raise ValueError("history='snapshot' copies whole parameters; FSDP and DeepSpeed shard them.")
-        config = context.config
-        snapshot = cls(context.model, config.select_warmup(trainer.state.max_steps), config.ema_on_cpu)
-        folder = context.resume_folder()
-        if folder is not None:
-            snapshot.restore(folder)
-        return snapshot
+    def build(cls, model: torch.nn.Module, config: SSTokenConfig, max_steps: int) -> SnapshotHistory:
+        return cls(model, config.select_warmup(max_steps), config.ema_on_cpu)
 
     @torch.no_grad()
     def after_optimizer_step(self, global_step: int) -> None:

@@ -39,6 +39,11 @@ def minmax_normalise(
     return torch.where(mask, normed.view_as(values), 0.0)
 
 
+def no_normalise(values: torch.Tensor, segment: torch.Tensor, mask: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """REL as it is, in nats: comparable across samples, so scope="batch" selects on one threshold."""
+    return torch.where(mask, values, 0.0)
+
+
 def combine(rel_norm: torch.Tensor, attn_score: torch.Tensor, gamma: float) -> torch.Tensor:
     """Score(x_i) = gamma * REL'(x_i) + (1 - gamma) * AttnScore(x_i)."""
     return gamma * rel_norm + (1.0 - gamma) * attn_score

@@ -22,6 +22,7 @@ from sstoken_trl.selection.equations import (
     clipped_rel,
     combine,
     minmax_normalise,
+    no_normalise,
     rank_normalise,
     response_ends,
     top_ratio,
@@ -46,7 +47,8 @@ class Signals:
     vocab_size: int = 0  # of the model, for his_loss_clip
 
 
-REL_NORMS = {"minmax": minmax_normalise, "rank": rank_normalise}  # how REL is normalised within a sample
+# How REL is normalised within a sample ("none": raw nats, for one threshold over the batch with gamma 1).
+REL_NORMS = {"minmax": minmax_normalise, "rank": rank_normalise, "none": no_normalise}
 
 
 def sstoken_select(

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from sstoken_trl.config import RECOMMENDED, SSTokenConfig
@@ -22,16 +23,29 @@ from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
 PREFIX = "sstoken_"
 
 
-def _to_config(self: Any, recommended: bool = False) -> SSTokenConfig:
+def _to_config(self: Any, recommended: bool = False, given: set[str] | None = None) -> SSTokenConfig:
     """The `SSTokenConfig` these arguments describe; `recommended`: starting from `SSTokenConfig.recommended()`.
 
-    With `recommended`, a field left at the paper's default takes the recommended value; any other value wins.
+    With `recommended`, the fields named in `given` (set in the recipe or on the command line, see `given_keys`)
+    and those set away from the paper's default keep their value; the others take the recommended one.
     """
     values = {f.name: getattr(self, PREFIX + f.name) for f in fields(SSTokenConfig)}
     if recommended:
-        paper = SSTokenConfig()
-        values = {name: v if v != getattr(paper, name) else RECOMMENDED.get(name, v) for name, v in values.items()}
+        paper, given = SSTokenConfig(), given or set()
+        values = {
+            name: v if name in given or v != getattr(paper, name) else RECOMMENDED.get(name, v)
+            for name, v in values.items()
+        }
     return SSTokenConfig(**values)
+
+
+def given_keys(argv: list[str]) -> set[str]:
+    """ssToken fields set explicitly: `--sstoken_x` flags and `sstoken_x` keys of the `--config` recipe."""
+    names = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--" + PREFIX)}
+    path = _config_path(argv)
+    if path is not None and Path(path).is_file():
+        names |= set(yaml.safe_load(Path(path).read_text()) or {})
+    return {name.removeprefix(PREFIX) for name in names if name.startswith(PREFIX)}
 
 
 def _validate(self: Any) -> None:
@@ -160,7 +174,7 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         )
     script, training, model, data, sstoken_args, run = values
     try:
-        sstoken = sstoken_args.to_config(recommended=run.sstoken_recommended)
+        sstoken = sstoken_args.to_config(recommended=run.sstoken_recommended, given=given_keys(argv))
     except ValueError as err:
         raise ValueError(f"Invalid ssToken setting (recipe keys and flags carry the prefix {PREFIX!r}): {err}") from err
     return Recipe(script, training, model, data, sstoken, run)

@@ -24,7 +24,7 @@ from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import REAL_LABELS
-from sstoken_trl.tools.arguments import SSTokenArguments
+from sstoken_trl.tools.arguments import SSTokenArguments, given_keys
 from sstoken_trl.tools.loading import load_data, load_model, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
 from sstoken_trl.trl_internals import add_fused_lm_head, fused_model, has_fused_head
@@ -47,6 +47,10 @@ class InspectArguments:
     user_tag: str = field(default=USER_TAG, metadata={"help": "User-turn tag of template-text samples."})
     assistant_tag: str = field(default=ASSISTANT_TAG, metadata={"help": "Assistant-turn tag of template text."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    sstoken_recommended: bool = field(
+        default=False,
+        metadata={"help": "Score with SSTokenConfig.recommended() (as sstoken-train's key); sstoken_ flags still win."},
+    )
 
 
 def load_for_inspection(args: InspectArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -100,8 +104,9 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: 
 def run_inspect(argv: list[str] | None = None) -> Path:
     """The `sstoken-inspect` command; returns the path of the HTML page."""
     parser = TrlParser((InspectArguments, SSTokenArguments), prog="sstoken-inspect", allow_abbrev=False)
-    args, sstoken_args = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
-    config = sstoken_args.to_config()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, sstoken_args = parser.parse_args_and_config(argv)
+    config = sstoken_args.to_config(recommended=args.sstoken_recommended, given=given_keys(argv))
     rows = load_data(args.data)[args.split]
     if not 0 <= args.start < len(rows):
         raise ValueError(f"--start {args.start} is outside the {len(rows)} rows of split {args.split!r}.")
