@@ -12,8 +12,8 @@ fine-tuning then teaches `shift`. Regimes (`--regimes`):
   redundant      no corruption; every response wraps the answer in uninformative filler phrases
                  ("sure here is the result : ... . hope this helps"), which the base also saw around its own
                  answers. Scored on the answer: exact match of the letters between `:` and `.`, and their loss.
-Every method trains the same steps on the same data order with the same rho (0.6; the recommended configuration
-brings its own, 0.8): full SFT, uniform random, RHO-1
+Every method trains the same steps on the same data order with the same rho (0.6; the variants named rho0.8 bring
+their own): full SFT, uniform random, RHO-1
 (reference: the base fine-tuned on a clean subset), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants, the
 recommended configuration), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
 ceiling a selection could reach. Reported per method, over seeds: held-out exact match (greedy) and loss on clean
@@ -65,6 +65,7 @@ SHAPE = dict(
     max_position_embeddings=64,
 )
 CLIP_RANK_PROTECT = dict(his_loss_clip=1.0, rel_norm="rank", protect_response_end=True)  # the first recommendation
+BATCH_THRESHOLD = {k: v for k, v in RECOMMENDED.items() if k != "rel_keep_threshold"}  # the step before
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
     "random": dict(selector="random"),
@@ -88,14 +89,17 @@ METHODS: dict[str, dict[str, Any]] = {
     ),
     "warm_snap_g1": dict(gamma=1.0, select_warmup_ratio=0.2, history="snapshot", protect_response_end=True),
     # The steps to the recommendation: clip + rank + protection, then a selection warm-up (0.2 / 0.4 of the steps),
-    # REL alone (gamma 1), one threshold over the micro-batch (scope batch, REL in nats), rho 0.8, warm-up 0.5.
+    # REL alone (gamma 1), one threshold over the micro-batch (scope batch, REL in nats), rho 0.8, warm-up 0.5, and
+    # every token with REL >= 0 kept as well (rel_keep_threshold 0).
     "warm_clip_0.2_g0.5": dict(CLIP_RANK_PROTECT, select_warmup_ratio=0.2, gamma=0.5),
     "warm_clip_0.4_g0.5": dict(CLIP_RANK_PROTECT, select_warmup_ratio=0.4, gamma=0.5),
     "warm_clip_0.4_g1": dict(CLIP_RANK_PROTECT, select_warmup_ratio=0.4, gamma=1.0),
     "rec_rho0.8": dict(CLIP_RANK_PROTECT, select_warmup_ratio=0.4, gamma=1.0, select_ratio=0.8),
-    "rec_batch": dict(RECOMMENDED, select_warmup_ratio=0.4, select_ratio=0.6),
-    "rec_batch_w0.5": dict(RECOMMENDED, select_ratio=0.6),
-    "rec_batch_rho0.8": dict(RECOMMENDED, select_warmup_ratio=0.4),
+    "rec_batch": dict(BATCH_THRESHOLD, select_warmup_ratio=0.4, select_ratio=0.6),
+    "rec_batch_w0.5": dict(BATCH_THRESHOLD, select_ratio=0.6),
+    "rec_batch_rho0.8": dict(BATCH_THRESHOLD, select_warmup_ratio=0.4, select_ratio=0.8),
+    "rec_batch_rho0.8_w0.5": dict(BATCH_THRESHOLD, select_ratio=0.8),
+    "rec_keep0_rho0.6": dict(RECOMMENDED, select_ratio=0.6),
     "recommended": dict(RECOMMENDED),
     "oracle": dict(selector="full"),  # on the oracle rows: corrupted / filler labels masked
 }
@@ -108,9 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated subset of {','.join(REGIMES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--noise", type=float, default=0.3, help="chance that an answer letter is corrupted")
-    p.add_argument(
-        "--select-ratio", type=float, default=0.6, help="rho of the methods that set none (recommended: 0.8)"
-    )
+    p.add_argument("--select-ratio", type=float, default=0.6, help="rho of every selecting method that sets none")
     p.add_argument("--train", type=int, default=2000, help="fine-tuning samples")
     p.add_argument("--steps", type=int, default=250, help="fine-tuning optimizer steps of every method")
     p.add_argument("--batch", type=int, default=32)

@@ -79,6 +79,14 @@ class SSTokenConfig:
             "guess, so tokens the history is confidently wrong about stop dominating the ranking. None: off."
         },
     )
+    rel_keep_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also keep every token whose REL (after his_loss_clip) is at least this, in nats: 0 keeps what "
+            "the model predicts at least as well as the history. rho then is the least share kept, and the loss "
+            "is normalised by every response token (dropped ones weigh 0). None: off (the paper's top rho)."
+        },
+    )
     protect_response_end: bool = field(
         default=False,
         metadata={
@@ -212,6 +220,7 @@ class SSTokenConfig:
 # What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why).
 RECOMMENDED: dict[str, Any] = {
     "select_ratio": 0.8,
+    "rel_keep_threshold": 0.0,
     "gamma": 1.0,
     "scope": "batch",
     "rel_norm": "none",

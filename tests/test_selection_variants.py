@@ -12,7 +12,7 @@ from sstoken_trl.integration.selective_forward import SelectiveForward
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.budget import SelectionBudget
 from sstoken_trl.selection.equations import clipped_rel, rank_normalise, response_ends
-from sstoken_trl.selection.selectors import Signals, get_selector, sstoken_select
+from sstoken_trl.selection.selectors import Signals, budget_ratio, get_selector, sstoken_select
 
 
 def budget_counts(labels: torch.Tensor, rho: float) -> torch.Tensor:
@@ -208,3 +208,21 @@ def test_raw_rel_over_the_batch_is_one_threshold_across_samples():
     assert keep.sum(1).tolist() == [5, 1]
     per_sample = sstoken_select(SSTokenConfig(select_ratio=0.6, gamma=1.0), layout, rel_values, torch.zeros(2, 5), 1.0)
     assert per_sample[1].sum(1).tolist() == [3, 3]  # the paper's quota: ceil(0.6 * 5) of each sample
+
+
+def test_rel_keep_threshold_adds_every_token_with_rel_above_it_and_counts_all_tokens():
+    labels = torch.tensor([[-100] + [5] * 6, [-100] + [5] * 6])
+    layout = batch_layout(labels)
+    g = torch.Generator().manual_seed(3)
+    rel_values = torch.randn(2, 6, generator=g)
+    rel_values[0] = rel_values[0].abs() + 0.1  # a clean sample: the model predicts every token better than before
+    config = SSTokenConfig(select_ratio=0.5, gamma=1.0, rel_keep_threshold=0.0)
+    _, keep, _ = sstoken_select(config, layout, rel_values, torch.zeros(2, 6), 1.0)
+    for row in range(2):
+        top = set(sorted(range(6), key=lambda t: -float(rel_values[row, t]))[:3])  # ceil(0.5 * 6), a plain loop
+        expected = top | {t for t in range(6) if rel_values[row, t] >= 0}
+        assert set(keep[row].nonzero().flatten().tolist()) == expected
+    assert keep[0].all()
+    assert budget_ratio(config) == 1.0 and budget_ratio(SSTokenConfig(select_ratio=0.5)) == 0.5
+    _, warm_keep, _ = sstoken_select(config, layout, rel_values, torch.zeros(2, 6), 0.0)  # REL warm-up: gamma 0
+    assert warm_keep.sum(1).tolist() == [3, 3]

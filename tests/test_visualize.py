@@ -174,20 +174,25 @@ def test_inspect_with_the_recommended_config_matches_a_plain_loop(inspect_setup,
         with model.disable_adapter():
             logp_his = token_log_probs(model(**inputs).logits, batch["input_ids"])
     clip = config.his_loss_clip * math.log(base.config.vocab_size)
-    tokens = []  # (score, sample, position): REL with L_his clipped, each response's last token first
+    tokens, shown = [], {}  # (score, sample, position): REL with L_his clipped, each response's last token first
     for b in range(4):
         positions = (batch["labels"][b, 1:] != -100).nonzero().flatten().tolist()
         for t in positions:
             rel = min(-float(logp_his[b, t]), clip) + float(logp_cur[b, t])
             tokens.append((math.inf if t == positions[-1] else rel, b, t))
+            shown[b, t] = rel
     kept = sorted(tokens, reverse=True)[: math.ceil(config.select_ratio * len(tokens))]  # one threshold, 4 samples
+    kept += [token for token in tokens if token[0] >= config.rel_keep_threshold]  # and every REL >= 0
     page = Page(output.read_text())
     for b, sample in enumerate(page.samples):
         scored = [t["status"] in ("kept", "attention") for t in sample if t["status"] != "prompt"]
-        expected = sorted(t for _, s, t in kept if s == b)
+        expected = {t for _, s, t in kept if s == b}
         positions = (batch["labels"][b, 1:] != -100).nonzero().flatten().tolist()
         assert scored == [t in expected for t in positions]
         assert scored[-1]  # the protected end
+        rels = [float(t["attrs"]["data-rel"]) for t in sample if t["status"] != "prompt"]
+        assert rels == pytest.approx([shown[b, t] for t in positions], abs=1e-3)  # the page shows the clipped REL
+    assert any(t["status"] == "dropped" for sample in page.samples for t in sample)
 
 
 def test_inspect_command_without_adapter_ranks_by_attention(inspect_setup, tmp_path):

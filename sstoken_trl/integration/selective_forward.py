@@ -20,7 +20,7 @@ from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.budget import REAL_LABELS, WARMUP_ROWS
 from sstoken_trl.selection.equations import rel
-from sstoken_trl.selection.selectors import Signals, get_selector, micro_batch_seed
+from sstoken_trl.selection.selectors import Signals, get_selector, micro_batch_seed, ranked_rel
 
 STAT_NAMES = (
     "response_tokens",
@@ -41,7 +41,7 @@ class BatchSelection:
     real: torch.Tensor  # not padding
     doc: torch.Tensor  # document index within the row (packed rows hold several samples)
     response: torch.Tensor
-    rel: torch.Tensor
+    rel: torch.Tensor  # the REL selection ranked by (L_his clipped with his_loss_clip)
     attn_score: torch.Tensor
     score: torch.Tensor
     keep: torch.Tensor
@@ -105,11 +105,10 @@ class SelectiveForward:
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
         selected = replace(layout, response=layout.response & ~warm)
-        score, keep, keep_rel = selector.select(
-            self.config, Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
-        )
+        signals = Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
+        score, keep, keep_rel = selector.select(self.config, signals)
         keep, keep_rel = keep | warm, keep_rel | warm
-        self._record(kwargs, layout, rel_values, attn, score, keep, keep_rel)
+        self._record(kwargs, layout, ranked_rel(self.config, signals), attn, score, keep, keep_rel)
         return self._masked(out, keep)
 
     @staticmethod

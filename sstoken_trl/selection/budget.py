@@ -5,7 +5,9 @@ labels in the window (gathered over ranks). ssToken keeps ceil(rho * n) of each 
 a count known from the labels alone. The wrapped collator therefore emits `labels` with exactly that many
 labels per sample (the first ones) and carries the real labels under `sstoken_labels`; the selective forward
 swaps them back before computing log-probs. The loss becomes the mean NLL over kept tokens of the window,
-correct under gradient accumulation and across processes, without touching the trainer.
+correct under gradient accumulation and across processes, without touching the trainer. With
+`rel_keep_threshold` the kept number is known only after the forward, so every response token is counted: the
+loss is then the summed NLL of the kept tokens over all response tokens (dropped tokens weigh 0).
 
 During the selection warm-up (the first `warmup_steps` optimizer steps) every response token is counted and
 kept. The collator stamps each row with whether it was counted so (`sstoken_warmup`, read from the step the

@@ -78,16 +78,23 @@ def sstoken_select(
         finite = finite | ends
     keep = top_ratio(ranked, segment, finite, num_segments, config.select_ratio, response, seed)
     keep_rel = top_ratio(ranked_rel, segment, finite, num_segments, config.select_ratio, response, seed)
+    if config.rel_keep_threshold is not None and gamma > 0:
+        above = finite & (torch.nan_to_num(rel_values, nan=-torch.inf) >= config.rel_keep_threshold)
+        keep, keep_rel = keep | above, keep_rel | above
     return score, keep, keep_rel
 
 
+def ranked_rel(config: SSTokenConfig, s: Signals) -> torch.Tensor:
+    """The REL ssToken ranks by: L_his - L_cur, with L_his clipped when `his_loss_clip` is set."""
+    if config.selector != "sstoken" or config.his_loss_clip is None:
+        return s.rel
+    if s.logp_cur is None or s.vocab_size < 2:
+        raise ValueError("his_loss_clip needs the current log-probs and the model's vocabulary size.")
+    return clipped_rel(s.rel, s.logp_cur, config.his_loss_clip * math.log(s.vocab_size))
+
+
 def sstoken(config: SSTokenConfig, s: Signals) -> SelectorOutput:
-    rel_values = s.rel
-    if config.his_loss_clip is not None:
-        if s.logp_cur is None or s.vocab_size < 2:
-            raise ValueError("his_loss_clip needs the current log-probs and the model's vocabulary size.")
-        rel_values = clipped_rel(s.rel, s.logp_cur, config.his_loss_clip * math.log(s.vocab_size))
-    return sstoken_select(config, s.layout, rel_values, s.attn, s.gamma, s.seed)
+    return sstoken_select(config, s.layout, ranked_rel(config, s), s.attn, s.gamma, s.seed)
 
 
 def full(config: SSTokenConfig, s: Signals) -> SelectorOutput:
@@ -156,8 +163,11 @@ def uses_history(config: SSTokenConfig) -> bool:
 
 
 def budget_ratio(config: SSTokenConfig) -> float:
-    """Share of response tokens the trainer's token count must cover: 1 for "full", else rho."""
-    return 1.0 if get_selector(config.selector).keeps_all else config.select_ratio
+    """Share of response tokens the trainer's token count must cover: 1 for "full" and when tokens above
+    rel_keep_threshold are kept too (their number is known only after the forward), else rho."""
+    if get_selector(config.selector).keeps_all or config.rel_keep_threshold is not None:
+        return 1.0
+    return config.select_ratio
 
 
 def micro_batch_seed(seed: int, global_step: int, micro_batch: int) -> int:
