@@ -100,6 +100,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "rec_batch_rho0.8": dict(BATCH_THRESHOLD, select_warmup_ratio=0.4, select_ratio=0.8),
     "rec_batch_rho0.8_w0.5": dict(BATCH_THRESHOLD, select_ratio=0.8),
     "rec_keep0_rho0.6": dict(RECOMMENDED, select_ratio=0.6),
+    "rec_keep0_w0.3": dict(RECOMMENDED, select_warmup_ratio=0.3),
     "recommended": dict(RECOMMENDED),
     "oracle": dict(selector="full"),  # on the oracle rows: corrupted / filler labels masked
 }
