@@ -12,8 +12,8 @@ fine-tuning then teaches `shift`. Regimes (`--regimes`):
   redundant      no corruption; every response wraps the answer in uninformative filler phrases
                  ("sure here is the result : ... . hope this helps"), which the base also saw around its own
                  answers. Scored on the answer: exact match of the letters between `:` and `.`, and their loss.
-Every method trains the same steps on the same data order with the same rho (0.6; the variants named rho0.8 bring
-their own): full SFT, uniform random, RHO-1
+Every method trains the same steps on the same data order with rho 0.6 (`--select-ratio`), except those that set
+their own (the recommended configuration and the variants named rho0.8: 0.8): full SFT, uniform random, RHO-1
 (reference: the base fine-tuned on a clean subset), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants, the
 recommended configuration), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
 ceiling a selection could reach. Reported per method, over seeds: held-out exact match (greedy) and loss on clean
