@@ -65,7 +65,9 @@ SHAPE = dict(
     max_position_embeddings=64,
 )
 CLIP_RANK_PROTECT = dict(his_loss_clip=1.0, rel_norm="rank", protect_response_end=True)  # the first recommendation
-BATCH_THRESHOLD = {k: v for k, v in RECOMMENDED.items() if k != "rel_keep_threshold"}  # the step before
+BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_threshold
+    gamma=1.0, scope="batch", rel_norm="none", his_loss_clip=1.0, protect_response_end=True, select_warmup_ratio=0.5
+)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
     "random": dict(selector="random"),

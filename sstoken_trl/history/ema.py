@@ -49,7 +49,7 @@ class EMAHistory(HistorySource):
 
     @classmethod
     def from_context(cls, context: HistoryContext) -> EMAHistory:
-        source = "snapshot" if context.config.history == "snapshot" else "ema"
+        source = context.config.history  # "ema", or "snapshot" for the subclass
         trainer = context.require_trainer(source)
         if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
             raise ValueError(f"history={source!r} swaps whole parameters in and out; FSDP and DeepSpeed shard them.")

@@ -88,7 +88,7 @@ class SelectiveForward:
         kwargs["labels"] = real_labels
         warm_rows = kwargs.pop(WARMUP_ROWS, None)
         layout = batch_layout(real_labels, kwargs.get("attention_mask"), kwargs.get("position_ids"))
-        warm = layout.response & warm_rows[:, None] if warm_rows is not None else torch.zeros_like(layout.response)
+        selected, warm = layout.without_rows(warm_rows)  # warm-up rows keep every response token
         gamma = self.gamma()
         selector = get_selector(self.config.selector)
         selecting = self.global_step >= self.select_warmup  # before: every row is a warm-up row
@@ -104,7 +104,6 @@ class SelectiveForward:
         attn = self.hook.take()[:, 1:] if attending else torch.zeros_like(logp_cur)
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
-        selected = replace(layout, response=layout.response & ~warm)
         signals = Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
         score, keep, keep_rel = selector.select(self.config, signals)
         keep, keep_rel = keep | warm, keep_rel | warm

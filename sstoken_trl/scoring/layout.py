@@ -8,7 +8,7 @@ token t + 1, the layout of TRL's fused LM head outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,6 +38,13 @@ class Layout:
         if scope == "batch":
             return torch.zeros_like(self.response, dtype=torch.long), 1
         return self.sample_ids(), self.sample_id_bound
+
+    def without_rows(self, rows: torch.Tensor | None) -> tuple[Layout, torch.Tensor]:
+        """(this layout with the response of `rows` (B,) removed, those rows' response positions (B, T-1))."""
+        if rows is None:
+            return self, torch.zeros_like(self.response)
+        taken = self.response & rows[:, None]
+        return replace(self, response=self.response & ~taken), taken
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ so count and selection agree even when batches are collated ahead of their step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,11 +32,9 @@ WARMUP_ROWS = "sstoken_warmup"
 
 def counted_tokens(layout: Layout, scope: str, select_ratio: float, warm_rows: torch.Tensor | None) -> torch.Tensor:
     """(B, T-1) the positions the budget counts: ceil(rho * n) per segment, every response token of warm rows."""
-    if warm_rows is None:
-        segment, num_segments = layout.segments(scope)
-        return first_ratio(segment, layout.response, num_segments, select_ratio)
-    warm = layout.response & warm_rows[:, None]
-    return counted_tokens(replace(layout, response=layout.response & ~warm), scope, select_ratio, None) | warm
+    selected, warm = layout.without_rows(warm_rows)
+    segment, num_segments = selected.segments(scope)
+    return first_ratio(segment, selected.response, num_segments, select_ratio) | warm
 
 
 class SelectionBudget:
