@@ -14,11 +14,13 @@ fine-tuning then teaches `shift`. Regimes (`--regimes`):
                  answers. Scored on the answer: exact match of the letters between `:` and `.`, and their loss.
 Every method trains the same steps on the same data order with rho 0.6 (`--select-ratio`), except those that set
 their own (the recommended configuration and the variants named rho0.8: 0.8): full SFT, uniform random, RHO-1
-(reference: the base fine-tuned on a clean subset), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants, the
+and TokenCleaning (reference: the base fine-tuned on a clean subset; `_self`: on the noisy training data itself,
+plain SFT for the same steps, so two training runs), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants, the
 recommended configuration), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
-ceiling a selection could reach. Reported per method, over seeds: held-out exact match (greedy) and loss on clean
-data, the share of corrupted (filler), clean and </s> response tokens each method dropped, and the share of the
-full-to-oracle gap it closed.
+ceiling a selection could reach. `oracle_after_W` masks them only from the share W of the steps on: the ceiling of
+a selection that trains every token for its first W of training (a perfect detector after a warm-up of W).
+Reported per method, over seeds: held-out exact match (greedy) and loss on clean data, the share of corrupted
+(filler), clean and </s> response tokens each method dropped, and the share of the full-to-oracle gap it closed.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ from benchmarks.noisy_task import (
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.config import RECOMMENDED
+from sstoken_trl.selection.loss_truncation import truncate_tokens
+from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.tiny import build_model
+from sstoken_trl.trl_internals import collate_owner
 
 SHAPE = dict(
     hidden_size=64,
@@ -72,9 +77,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
     "random": dict(selector="random"),
     "rho1": dict(selector="rho1", history="model"),
+    "rho1_self": dict(selector="rho1", history="model"),  # reference: the "self" one (two training runs)
     "sstoken_g1": dict(gamma=1.0),
     "sstoken_g0.5": dict(gamma=0.5),
     "sstoken_g0": dict(gamma=0.0),
+    "sstoken_g0.5_attn_warmup0.2": dict(gamma=0.5, rel_warmup_ratio=0.2),  # the published code's warm-up
     "protect_g1": dict(gamma=1.0, protect_response_end=True),
     "protect_g0.5": dict(gamma=0.5, protect_response_end=True),
     "rank_protect_g0.5": dict(gamma=0.5, rel_norm="rank", protect_response_end=True),
@@ -104,9 +111,28 @@ METHODS: dict[str, dict[str, Any]] = {
     "rec_keep0_rho0.6": dict(RECOMMENDED, select_ratio=0.6),
     "rec_keep0_w0.3": dict(RECOMMENDED, select_warmup_ratio=0.3),
     "recommended": dict(RECOMMENDED),
+    "rec_rho0.9": dict(RECOMMENDED, select_ratio=0.9),
+    "rec_rho0.7": dict(RECOMMENDED, select_ratio=0.7),
+    "rec_w0.4": dict(RECOMMENDED, select_warmup_ratio=0.4),
+    "rec_w0.4_rho0.9": dict(RECOMMENDED, select_warmup_ratio=0.4, select_ratio=0.9),
+    "token_cleaning": dict(selector="full"),  # on labels cleaned before training (clean reference)
+    "token_cleaning_self": dict(selector="full"),  # the same with the "self" reference: two training runs
+    "loss_truncation": dict(selector="full"),  # on labels truncated by the "self" reference: two training runs
     "oracle": dict(selector="full"),  # on the oracle rows: corrupted / filler labels masked
+    "oracle_after_0.2": dict(selector="full"),  # the oracle's masking from 20% of the steps on (OracleAfter)
+    "oracle_after_0.3": dict(selector="full"),
+    "oracle_after_0.5": dict(selector="full"),
 }
 ORACLE = "oracle"
+# The reference model each method needs (train_reference): "clean" or "self".
+REFERENCES = {
+    "rho1": "clean",
+    "rho1_self": "self",
+    "token_cleaning": "clean",
+    "token_cleaning_self": "self",
+    "loss_truncation": "self",
+}
+ORACLE_AFTER = {name: float(name.rsplit("_", 1)[1]) for name in METHODS if name.startswith("oracle_after_")}
 REGIMES = ("overconfident", "calibrated", "redundant")
 
 
@@ -212,6 +238,34 @@ class DropMeter(TrainerCallback):
         return out
 
 
+class OracleAfter(TrainerCallback):
+    """From optimizer step `start` on, masks the corrupted (filler) tokens' labels of every batch, as the oracle
+    does from step 0: the best a selection that starts at `start` could do. Listed before the ssToken callback, so
+    its loss budget counts the masked labels."""
+
+    def __init__(self, samples: list[Sample], start: int) -> None:
+        self.labels = {tuple(s.input_ids): oracle_row(s)["labels"] for s in samples}
+        self.start, self.step = start, 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        owner = collate_owner(kwargs["train_dataloader"])
+        collate = owner.collate_fn
+
+        def masked(features: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(features)
+            if self.step >= self.start:
+                for row, ids in enumerate(batch["input_ids"].tolist()):
+                    while ids and ids[-1] == PAD:
+                        ids.pop()
+                    batch["labels"][row, : len(ids)] = torch.tensor(self.labels[tuple(ids)])
+            return batch
+
+        owner.collate_fn = masked
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step = state.global_step
+
+
 def evaluate(model: torch.nn.Module, held_out: list[Sample]) -> dict[str, float]:
     return {"accuracy": greedy_exact_match(model, held_out), **teacher_forced(model, held_out)}
 
@@ -262,15 +316,19 @@ def train_base(regime: str, args: argparse.Namespace, tmp: str) -> dict[str, Any
     return {op: evaluate(base, samples) for op, samples in held_out(regime, args).items()}
 
 
-def train_reference(regime: str, args: argparse.Namespace, seed: int, tmp: str) -> dict[str, float]:
-    """RHO-1's reference: the base fine-tuned (plain SFT, LoRA merged) on clean samples, saved to tmp."""
-    _, clean = fine_tune_data(regime, args, seed)
-    subset = clean[: max(1, int(args.ref_share * len(clean)))]
-    sft = sft_args(f"{tmp}/reference-{regime}-{seed}", args.ref_steps, args.batch, args.lr, seed)
+def train_reference(regime: str, args: argparse.Namespace, seed: int, tmp: str, kind: str) -> dict[str, float]:
+    """A reference model, the base fine-tuned (plain SFT, LoRA merged) and saved to tmp. `kind` "clean": on a clean
+    subset of the training prompts (RHO-1's, and TokenCleaning's fixed reference); "self": on the training data as
+    given, noise included, for the same steps as every method (one round of self-evolving cleaning)."""
+    rows, clean = fine_tune_data(regime, args, seed)
+    data, steps = rows, args.steps
+    if kind == "clean":
+        data, steps = clean[: max(1, int(args.ref_share * len(clean)))], args.ref_steps
+    sft = sft_args(f"{tmp}/reference-{regime}-{seed}-{kind}", steps, args.batch, args.lr, seed)
     state = torch.load(f"{tmp}/base-{regime}.pt")
-    trainer = train(fresh(state), [s.row() for s in subset], sft, build_tokenizer(), peft_config=lora(args))
+    trainer = train(fresh(state), [s.row() for s in data], sft, build_tokenizer(), peft_config=lora(args))
     reference = trainer.model.merge_and_unload().eval()
-    torch.save(reference.state_dict(), f"{tmp}/reference-{regime}-{seed}.pt")
+    torch.save(reference.state_dict(), f"{tmp}/reference-{regime}-{seed}-{kind}.pt")
     return evaluate(reference, held_out(regime, args)["shift"])
 
 
@@ -278,14 +336,33 @@ def fine_tune(name: str, regime: str, args: argparse.Namespace, seed: int, tmp: 
     """LoRA on the regime's base with one method: held-out metrics and what it dropped."""
     rows, _ = fine_tune_data(regime, args, seed)
     config = SSTokenConfig(**{"select_ratio": args.select_ratio, **METHODS[name], "seed": seed})
-    reference = fresh(torch.load(f"{tmp}/reference-{regime}-{seed}.pt")) if config.history == "model" else None
+    kind = REFERENCES.get(name)
+    reference = fresh(torch.load(f"{tmp}/reference-{regime}-{seed}-{kind}.pt")) if kind else None
+    data = [oracle_row(s) if name == ORACLE else s.row() for s in rows]
+    if name.startswith("token_cleaning"):  # labels cleaned once before training, then plain SFT on them
+        cleaned, _ = clean_tokens(
+            Dataset.from_list(data),
+            fresh(torch.load(f"{tmp}/base-{regime}.pt")),
+            reference,
+            args.select_ratio,
+            batch_size=256,
+        )
+        data, reference = cleaned.to_list(), None
+    if name == "loss_truncation":  # the defaults of sstoken-train --sstoken_selector loss_truncation
+        config = SSTokenConfig(selector="loss_truncation")
+        truncated, _ = truncate_tokens(
+            Dataset.from_list(data), reference, config.select_ratio, config.truncation_loss, batch_size=256
+        )
+        data, reference = truncated.to_list(), None
     sstoken = SSTokenCallback(config, history_model=reference)
     meter = DropMeter(sstoken, rows)
+    callbacks: list[TrainerCallback] = [sstoken, meter]
+    if name in ORACLE_AFTER:
+        callbacks.insert(0, OracleAfter(rows, round(ORACLE_AFTER[name] * args.steps)))
     t0 = time.perf_counter()
     sft = sft_args(f"{tmp}/{regime}-{seed}-{name}", args.steps, args.batch, args.lr, seed)
-    data = [oracle_row(s) if name == ORACLE else s.row() for s in rows]
     base = fresh(torch.load(f"{tmp}/base-{regime}.pt"))
-    trainer = train(base, data, sft, build_tokenizer(), peft_config=lora(args), callbacks=[sstoken, meter])
+    trainer = train(base, data, sft, build_tokenizer(), peft_config=lora(args), callbacks=callbacks)
     seconds = time.perf_counter() - t0
     metrics = evaluate(trainer.model, held_out(regime, args)["shift"])
     corrupted = sum(sum(s.corrupted) for s in rows) / sum(len(s.corrupted) for s in rows)
@@ -325,8 +402,11 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     regimes = [r for r in args.regimes.split(",") if r]
     report: dict[str, Any] = {}
     bases = run_all([("base", (regime, args, tmp)) for regime in regimes], args)
-    if "rho1" in methods:
-        refs = run_all([("reference", (r, args, seed, tmp)) for r in regimes for seed in args.seeds], args)
+    kinds = sorted({REFERENCES[m] for m in methods if m in REFERENCES})
+    refs = {
+        kind: run_all([("reference", (r, args, seed, tmp, kind)) for r in regimes for seed in args.seeds], args)
+        for kind in kinds
+    }
     jobs = [(r, seed, name) for r in regimes for seed in args.seeds for name in methods]
     results = iter(run_all([("method", (name, r, args, seed, tmp)) for r, seed, name in jobs], args))
     for i, regime in enumerate(regimes):
@@ -335,8 +415,7 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
             for name in methods:
                 runs[name].append(next(results))
         part = {"base": bases[i], "methods": {n: {"seeds": r, "summary": summary(r)} for n, r in runs.items()}}
-        if "rho1" in methods:
-            part["rho1_reference"] = refs[i * len(args.seeds) : (i + 1) * len(args.seeds)]
+        part["references"] = {kind: r[i * len(args.seeds) : (i + 1) * len(args.seeds)] for kind, r in refs.items()}
         part["corrupted_share_of_response_tokens"] = next(iter(runs.values()))[0]["corrupted_share"]
         report[regime] = part
     return report
@@ -353,11 +432,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["wall_seconds"] = time.perf_counter() - start
     for regime, part in regimes.items():
         base = part["base"]
-        refs = ", ".join(f"{r['accuracy']:.3f}" for r in part.get("rho1_reference", []))
+        refs = "; ".join(
+            f"{kind} " + ", ".join(f"{r['accuracy']:.3f}" for r in runs) for kind, runs in part["references"].items()
+        )
         print(
             f"\n## {regime}: {part['corrupted_share_of_response_tokens']:.1%} of response tokens corrupted (or "
             f"filler); base exact match copy {base['copy']['accuracy']:.3f}, reverse {base['reverse']['accuracy']:.3f}"
-            f", shift {base['shift']['accuracy']:.3f}; RHO-1 reference on shift: {refs or '-'}\n"
+            f", shift {base['shift']['accuracy']:.3f}; reference exact match on shift: {refs or '-'}\n"
         )
         print(table(part["methods"], base["shift"]))
     print(

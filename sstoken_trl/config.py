@@ -138,7 +138,16 @@ class SSTokenConfig:
         default="sstoken",
         metadata={
             "help": "'sstoken' (the method), 'full' (no selection), 'random' (uniform rho), "
-            "'rho1' (excess loss L_cur - L_ref; the history source is the reference). docs/selectors.md."
+            "'rho1' (excess loss L_cur - L_ref; the history source is the reference); before training, with "
+            "sstoken_history_model: 'token_cleaning' (L_base - L_ref) or 'loss_truncation' (drop what a plain-SFT "
+            "run on the same data cannot fit). docs/selectors.md."
+        },
+    )
+    truncation_loss: float = field(
+        default=1.0,
+        metadata={
+            "help": "selector='loss_truncation': a token is dropped when the reference (a plain-SFT run on the same "
+            "data) has a loss above this multiple of log(vocab size) on it, at most 1 - select_ratio of the tokens."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
@@ -177,6 +186,8 @@ class SSTokenConfig:
         _one_of("attn_backend", self.attn_backend, BACKENDS)
         _one_of("history", self.history, HISTORY_SOURCES)
         _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
+        if not self.truncation_loss > 0:
+            raise ValueError(f"truncation_loss={self.truncation_loss} must be > 0 (a multiple of log(vocab size)).")
         if self.his_loss_clip is not None and not self.his_loss_clip > 0:
             raise ValueError(
                 f"his_loss_clip={self.his_loss_clip} must be > 0 (a multiple of log(vocab size)), or None for off."

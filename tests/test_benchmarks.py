@@ -6,8 +6,9 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
-from benchmarks import noisy_sft, step_cost
+from benchmarks import noise_probe, noisy_sft, step_cost
 
 
 def test_step_cost_writes_every_variant(tmp_path):
@@ -34,7 +35,15 @@ MINIMAL = ["--seeds", "0", "--train", "48", "--steps", "5", "--base-steps", "4",
 @pytest.mark.parametrize("regime", noisy_sft.REGIMES)
 def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
     out = tmp_path / "noisy.json"
-    methods = ["full", "rho1", "sstoken_g0.5", "recommended", noisy_sft.ORACLE]
+    methods = [
+        "full",
+        "rho1",
+        "token_cleaning_self",
+        "sstoken_g0.5",
+        "recommended",
+        "oracle_after_0.5",
+        noisy_sft.ORACLE,
+    ]
     noisy_sft.main([*MINIMAL, "--regimes", regime, "--methods", ",".join(methods), "--batch", "8", "--out", str(out)])
     report = json.loads(out.read_text())
     assert list(report["regimes"]) == [regime]
@@ -45,12 +54,14 @@ def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
         summary = result["summary"]
         assert 0 <= summary["accuracy"]["mean"] <= 1 and summary["clean_loss"]["mean"] > 0
         assert 0 <= summary["corrupted_dropped_share"]["mean"] <= 1
-        if name not in ("full", noisy_sft.ORACLE):
+        if name not in ("full", "oracle_after_0.5", noisy_sft.ORACLE):
             assert summary["clean_dropped_share"]["mean"] + summary["corrupted_dropped_share"]["mean"] > 0
     methods = part["methods"]
     assert methods["full"]["summary"]["corrupted_dropped_share"]["mean"] == 0
     assert methods["recommended"]["summary"]["eos_dropped_share"]["mean"] == 0  # the response end is protected
     assert methods[noisy_sft.ORACLE]["summary"]["corrupted_dropped_share"]["mean"] == 1  # masked, never trained
+    late = methods["oracle_after_0.5"]["summary"]  # masked from step 3 of 5 on: some batches of every kind
+    assert 0 < late["corrupted_dropped_share"]["mean"] < 1 and late["clean_dropped_share"]["mean"] == 0
     assert 0 < part["corrupted_share_of_response_tokens"] < 1
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").stat().st_size > 0
@@ -69,3 +80,28 @@ def test_noisy_sft_refuses_unknown_regimes_and_methods(capsys):
         with pytest.raises(SystemExit):
             noisy_sft.parse_args(argv)
         assert "unknown" in capsys.readouterr().err
+
+
+def test_noise_probe_auroc_matches_a_pairwise_count():
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 6, (40,), generator=gen).float()  # many ties
+    positive = torch.rand(40, generator=gen) < 0.3
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in score[positive] for n in score[~positive]]
+    assert noise_probe.auroc(score, positive) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_noise_probe_reports_every_signal_at_every_share(tmp_path):
+    out = tmp_path / "probe.json"
+    argv = [*MINIMAL, "--batch", "8", "--probe", "16", "--at", "0.4", "1.0", "--out", str(out)]
+    noise_probe.main(argv)
+    report = json.loads(out.read_text())
+    assert list(report["regimes"]) == list(noise_probe.CORRUPTED_REGIMES)
+    for runs in report["regimes"].values():
+        assert len(runs) == 1 and list(runs[0]) == ["0.4", "1"]
+        for values in runs[0].values():
+            assert set(values) == set(noise_probe.SIGNALS) and all(0 <= v <= 1 for v in values.values())
+
+
+def test_noise_probe_refuses_the_regime_without_corrupted_tokens():
+    with pytest.raises(SystemExit):
+        noise_probe.parse_args(["--regimes", "redundant"])

@@ -148,7 +148,8 @@ SELECTORS: dict[str, Selector] = {
 }
 
 
-OFFLINE_SELECTORS = ("token_cleaning",)  # select once before training (token_cleaning.py), then train "full"
+# Select once before training (token_cleaning.py, loss_truncation.py), then train "full".
+OFFLINE_SELECTORS = ("token_cleaning", "loss_truncation")
 
 
 def get_selector(name: str) -> Selector:
