@@ -348,10 +348,10 @@ def fine_tune(name: str, regime: str, args: argparse.Namespace, seed: int, tmp: 
             batch_size=256,
         )
         data, reference = cleaned.to_list(), None
-    if name == "loss_truncation":  # the defaults of sstoken-train --sstoken_selector loss_truncation
-        config = SSTokenConfig(selector="loss_truncation")
+    if name == "loss_truncation":  # as README's command: rho 0.8, the default threshold log V
+        truncation = SSTokenConfig(selector="loss_truncation", select_ratio=0.8)
         truncated, _ = truncate_tokens(
-            Dataset.from_list(data), reference, config.select_ratio, config.truncation_loss, batch_size=256
+            Dataset.from_list(data), reference, truncation.select_ratio, truncation.truncation_loss, batch_size=256
         )
         data, reference = truncated.to_list(), None
     sstoken = SSTokenCallback(config, history_model=reference)
