@@ -15,8 +15,9 @@ fine-tuning then teaches `shift`. Regimes (`--regimes`):
 Every method trains the same steps on the same data order with rho 0.6 (`--select-ratio`), except those that set
 their own (the recommended configuration and the variants named rho0.8: 0.8): full SFT, uniform random, RHO-1
 and TokenCleaning (reference: the base fine-tuned on a clean subset; `_self`: on the noisy training data itself,
-plain SFT for the same steps, so two training runs), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants, the
-recommended configuration), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
+plain SFT for the same steps, so two training runs), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants,
+`recommended_one_run`), the recommended configuration (`recommended`: loss truncation with the `self` reference as
+run 1, two training runs), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
 ceiling a selection could reach. `oracle_after_W` masks them only from the share W of the steps on: the ceiling of
 a selection that trains every token for its first W of training (a perfect detector after a warm-up of W).
 Reported per method, over seeds: held-out exact match (greedy) and loss on clean data, the share of corrupted
@@ -55,8 +56,7 @@ from benchmarks.noisy_task import (
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.config import RECOMMENDED
-from sstoken_trl.selection.loss_truncation import truncate_tokens
+from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.tiny import build_model
 from sstoken_trl.trl_internals import collate_owner
@@ -108,16 +108,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "rec_batch_w0.5": dict(BATCH_THRESHOLD, select_ratio=0.6),
     "rec_batch_rho0.8": dict(BATCH_THRESHOLD, select_warmup_ratio=0.4, select_ratio=0.8),
     "rec_batch_rho0.8_w0.5": dict(BATCH_THRESHOLD, select_ratio=0.8),
-    "rec_keep0_rho0.6": dict(RECOMMENDED, select_ratio=0.6),
-    "rec_keep0_w0.3": dict(RECOMMENDED, select_warmup_ratio=0.3),
-    "recommended": dict(RECOMMENDED),
-    "rec_rho0.9": dict(RECOMMENDED, select_ratio=0.9),
-    "rec_rho0.7": dict(RECOMMENDED, select_ratio=0.7),
-    "rec_w0.4": dict(RECOMMENDED, select_warmup_ratio=0.4),
-    "rec_w0.4_rho0.9": dict(RECOMMENDED, select_warmup_ratio=0.4, select_ratio=0.9),
+    "rec_keep0_rho0.6": dict(RECOMMENDED_ONE_RUN, select_ratio=0.6),
+    "rec_keep0_w0.3": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.3),
+    "recommended_one_run": dict(RECOMMENDED_ONE_RUN),  # the best one-run selection (the previous recommendation)
+    "recommended": dict(RECOMMENDED),  # loss truncation against the "self" reference: two training runs
+    "rec_rho0.9": dict(RECOMMENDED_ONE_RUN, select_ratio=0.9),
+    "rec_rho0.7": dict(RECOMMENDED_ONE_RUN, select_ratio=0.7),
+    "rec_w0.4": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.4),
+    "rec_w0.4_rho0.9": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.4, select_ratio=0.9),
     "token_cleaning": dict(selector="full"),  # on labels cleaned before training (clean reference)
     "token_cleaning_self": dict(selector="full"),  # the same with the "self" reference: two training runs
-    "loss_truncation": dict(selector="full"),  # on labels truncated by the "self" reference: two training runs
     "oracle": dict(selector="full"),  # on the oracle rows: corrupted / filler labels masked
     "oracle_after_0.2": dict(selector="full"),  # the oracle's masking from 20% of the steps on (OracleAfter)
     "oracle_after_0.3": dict(selector="full"),
@@ -130,7 +130,7 @@ REFERENCES = {
     "rho1_self": "self",
     "token_cleaning": "clean",
     "token_cleaning_self": "self",
-    "loss_truncation": "self",
+    "recommended": "self",
 }
 ORACLE_AFTER = {name: float(name.rsplit("_", 1)[1]) for name in METHODS if name.startswith("oracle_after_")}
 REGIMES = ("overconfident", "calibrated", "redundant")
@@ -348,12 +348,6 @@ def fine_tune(name: str, regime: str, args: argparse.Namespace, seed: int, tmp: 
             batch_size=256,
         )
         data, reference = cleaned.to_list(), None
-    if name == "loss_truncation":  # as README's command: rho 0.8, the default threshold log V
-        truncation = SSTokenConfig(selector="loss_truncation", select_ratio=0.8)
-        truncated, _ = truncate_tokens(
-            Dataset.from_list(data), reference, truncation.select_ratio, truncation.truncation_loss, batch_size=256
-        )
-        data, reference = truncated.to_list(), None
     sstoken = SSTokenCallback(config, history_model=reference)
     meter = DropMeter(sstoken, rows)
     callbacks: list[TrainerCallback] = [sstoken, meter]

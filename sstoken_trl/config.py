@@ -138,16 +138,16 @@ class SSTokenConfig:
         default="sstoken",
         metadata={
             "help": "'sstoken' (the method), 'full' (no selection), 'random' (uniform rho), "
-            "'rho1' (excess loss L_cur - L_ref; the history source is the reference); before training, with "
-            "sstoken_history_model: 'token_cleaning' (L_base - L_ref) or 'loss_truncation' (drop what a plain-SFT "
-            "run on the same data cannot fit). docs/selectors.md."
+            "'rho1' (excess loss L_cur - L_ref; the history source is the reference), 'loss_truncation' (drop "
+            "what the history model, a plain-SFT run on the same data, rates below a uniform guess), "
+            "'token_cleaning' (L_base - L_ref, once before training). docs/selectors.md."
         },
     )
     truncation_loss: float = field(
         default=1.0,
         metadata={
-            "help": "selector='loss_truncation': a token is dropped when the reference (a plain-SFT run on the same "
-            "data) has a loss above this multiple of log(vocab size) on it, at most 1 - select_ratio of the tokens."
+            "help": "selector='loss_truncation': a token is dropped when the history model (a plain-SFT run on the "
+            "same data) has a loss above this multiple of log(vocab size) on it; at least select_ratio is kept."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
@@ -188,6 +188,12 @@ class SSTokenConfig:
         _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
         if not self.truncation_loss > 0:
             raise ValueError(f"truncation_loss={self.truncation_loss} must be > 0 (a multiple of log(vocab size)).")
+        if self.selector == "loss_truncation" and self.history != "model":
+            raise ValueError(
+                f"selector='loss_truncation' reads the loss of a model trained on the same data, not history="
+                f"{self.history!r}: set history='model' and history_model=<the output of a plain-SFT run on this "
+                "data> (sstoken-train trains that run itself when history_model is unset)."
+            )
         if self.his_loss_clip is not None and not self.his_loss_clip > 0:
             raise ValueError(
                 f"his_loss_clip={self.his_loss_clip} must be > 0 (a multiple of log(vocab size)), or None for off."
@@ -201,8 +207,17 @@ class SSTokenConfig:
 
     @classmethod
     def recommended(cls, **overrides: Any) -> SSTokenConfig:
-        """The recommended configuration (docs/selectors.md, measured by benchmarks/noisy_sft); `overrides` win."""
+        """The recommended configuration (docs/selectors.md, measured by benchmarks/noisy_sft); `overrides` win.
+
+        Loss truncation: pass the model of a plain-SFT run on the same data as the callback's history_model (or
+        overrides history_model=PATH); sstoken-train with sstoken_recommended: true trains that run first.
+        """
         return cls(**{**RECOMMENDED, **overrides})
+
+    @classmethod
+    def recommended_one_run(cls, **overrides: Any) -> SSTokenConfig:
+        """The best measured selection inside a single run, with the base as history (docs/selectors.md)."""
+        return cls(**{**RECOMMENDED_ONE_RUN, **overrides})
 
     def rel_warmup(self, max_steps: int) -> int:
         """Optimizer steps of the REL warm-up (gamma 0), rel_warmup_ratio resolved against max_steps."""
@@ -228,8 +243,18 @@ class SSTokenConfig:
         return {f.name: (f.default, f.metadata.get("help", "")) for f in fields(cls)}
 
 
-# What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why).
+# What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why): loss
+# truncation against a plain-SFT run on the same data (history_model), which sstoken-train trains first.
 RECOMMENDED: dict[str, Any] = {
+    "selector": "loss_truncation",
+    "history": "model",
+    "select_ratio": 0.8,
+    "scope": "batch",
+    "protect_response_end": True,
+}
+
+# The best selection within one run (no history_model needed): SSTokenConfig.recommended_one_run().
+RECOMMENDED_ONE_RUN: dict[str, Any] = {
     "select_ratio": 0.8,
     "rel_keep_threshold": 0.0,
     "gamma": 1.0,

@@ -39,7 +39,7 @@ def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
         "full",
         "rho1",
         "token_cleaning_self",
-        "loss_truncation",
+        "recommended_one_run",
         "sstoken_g0.5",
         "recommended",
         "oracle_after_0.5",
@@ -55,12 +55,12 @@ def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
         summary = result["summary"]
         assert 0 <= summary["accuracy"]["mean"] <= 1 and summary["clean_loss"]["mean"] > 0
         assert 0 <= summary["corrupted_dropped_share"]["mean"] <= 1
-        if name not in ("full", "loss_truncation", "oracle_after_0.5", noisy_sft.ORACLE):
+        if name not in ("full", "recommended", "oracle_after_0.5", noisy_sft.ORACLE):
             assert summary["clean_dropped_share"]["mean"] + summary["corrupted_dropped_share"]["mean"] > 0
     methods = part["methods"]
     assert methods["full"]["summary"]["corrupted_dropped_share"]["mean"] == 0
     assert methods["recommended"]["summary"]["eos_dropped_share"]["mean"] == 0  # the response end is protected
-    assert methods["loss_truncation"]["summary"]["eos_dropped_share"]["mean"] == 0  # never drops a response end
+    assert methods["recommended_one_run"]["summary"]["eos_dropped_share"]["mean"] == 0
     assert methods[noisy_sft.ORACLE]["summary"]["corrupted_dropped_share"]["mean"] == 1  # masked, never trained
     late = methods["oracle_after_0.5"]["summary"]  # masked from step 3 of 5 on: some batches of every kind
     assert 0 < late["corrupted_dropped_share"]["mean"] < 1 and late["clean_dropped_share"]["mean"] == 0

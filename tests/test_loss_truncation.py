@@ -1,4 +1,5 @@
-"""Loss truncation: drop L_ref > c log V, at most 1 - rho of the pool, never a response end; plain loop; CLI run."""
+"""Loss truncation against a self-reference: the selector against a plain loop, its refusals, and sstoken-train
+training run 1 (plain SFT) itself before run 2."""
 
 from __future__ import annotations
 
@@ -8,76 +9,84 @@ import math
 import pytest
 import torch
 import yaml
-from datasets import Dataset
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.data.collator import pretokenize
-from sstoken_trl.selection.loss_truncation import truncate_tokens
+from sstoken_trl.scoring.layout import batch_layout
+from sstoken_trl.selection.selectors import SELECTORS, Signals, budget_ratio
 from sstoken_trl.tools.arguments import parse_recipe
-from sstoken_trl.tools.cli import check_recipe, train
+from sstoken_trl.tools.cli import REFERENCE_RUN, train
 from sstoken_trl.tools.tiny import build_model, build_tokenizer
 from tests.conftest import prompt_completion_rows
-from tests.reference import token_log_probs
-from tests.test_token_cleaning import VOCAB, pool_rows
+
+VOCAB = 50
 
 
-def reference_truncation(rows, ref, rho, c) -> tuple[list[list[int]], float]:
-    """Plain loop over full logits: suspects are L_ref > c log V but a span's last token; the highest ones
-    (earlier first on ties) are dropped, at most N - ceil(rho N)."""
-    pool, vocab = [], ref.get_output_embeddings().weight.size(0)
-    for r, row in enumerate(rows):
-        ids = torch.tensor([row["input_ids"]])
-        with torch.no_grad():
-            logp = token_log_probs(ref(input_ids=ids).logits, ids)[0]
-        labels = row["labels"]
-        for t in range(1, len(labels)):
-            if labels[t] != -100:
-                end = t + 1 == len(labels) or labels[t + 1] == -100
-                pool.append((-logp[t - 1].item(), end, r, t))
-    most = len(pool) - math.ceil(rho * len(pool) - 1e-9)
-    suspects = sorted((p for p in pool if p[0] > c * math.log(vocab) and not p[1]), key=lambda p: -p[0])
-    dropped = {(r, t) for _, _, r, t in suspects[:most]}
-    labels = [
-        [-100 if t == 0 or (r, t) in dropped else lab for t, lab in enumerate(row["labels"])]  # 0 predicts nothing
-        for r, row in enumerate(rows)
-    ]
-    return labels, 1 - len(dropped) / len(pool)
+def plain_loop(labels, ref_loss, config) -> torch.Tensor:
+    """Per segment (a sample, or the batch): suspects are L_ref > c log V but a response's last token (when
+    protected); the lowest-L_ref suspects fill the kept set up to ceil(rho n), the others are dropped."""
+    keep = torch.zeros_like(ref_loss, dtype=torch.bool)
+    threshold = config.truncation_loss * math.log(VOCAB)
+    rows = [[b] for b in range(labels.size(0))] if config.scope == "sample" else [list(range(labels.size(0)))]
+    for segment in rows:
+        safe, suspects = [], []
+        for b in segment:
+            positions = [t for t in range(labels.size(1) - 1) if labels[b, t + 1] != -100]
+            for t in positions:
+                end = t == positions[-1] or labels[b, t + 2] == -100 if t + 2 < labels.size(1) else True
+                if ref_loss[b, t] > threshold and not (config.protect_response_end and end):
+                    suspects.append((ref_loss[b, t].item(), b, t))
+                else:
+                    safe.append((b, t))
+        room = max(0, math.ceil(config.select_ratio * (len(safe) + len(suspects)) - 1e-9) - len(safe))
+        for b, t in safe + [(b, t) for _, b, t in sorted(suspects)[:room]]:
+            keep[b, t] = True
+    return keep
 
 
-@pytest.mark.parametrize(("rho", "c", "batch_size"), [(0.8, 1.0, 2), (0.5, 1.0, 8), (0.9, 0.99, 1), (0.8, 1.05, 3)])
-def test_dropped_tokens_are_those_of_a_plain_loop(rho, c, batch_size):
-    ref = build_model("llama", VOCAB, seed=2, attention_dropout=0.3).train()  # dropout must be off while scoring
-    rows = pool_rows()
-    truncated, share = truncate_tokens(Dataset.from_list(rows), ref, rho, c, batch_size=batch_size)
-    expected, expected_share = reference_truncation(rows, ref.eval(), rho, c)
-    assert truncated["labels"] == expected and share == pytest.approx(expected_share)
-    assert truncated["input_ids"] == [r["input_ids"] for r in rows] and truncated["other"] == [r["other"] for r in rows]
-    assert 0 < share < 1 or c > 1  # something was dropped where the threshold sits inside the losses
-    assert "forward" not in vars(ref)  # the fused head installed for scoring is gone
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+@pytest.mark.parametrize(("rho", "protect", "c"), [(0.8, True, 1.0), (0.5, False, 1.0), (0.9, True, 0.97)])
+def test_selector_keeps_what_a_plain_loop_keeps(scope, rho, protect, c):
+    g = torch.Generator().manual_seed(7)
+    labels = torch.full((3, 14), -100)
+    labels[0, 3:14] = 5
+    labels[1, 2:6] = 5  # two response spans (a multi-turn sample)
+    labels[1, 8:12] = 5
+    labels[2, 5:9] = 5
+    config = SSTokenConfig(
+        selector="loss_truncation",
+        history="model",
+        scope=scope,
+        select_ratio=rho,
+        protect_response_end=protect,
+        truncation_loss=c,
+    )
+    ref_loss = math.log(VOCAB) + torch.randn(3, 13, generator=g)  # about half above a uniform guess
+    logp_cur = -torch.rand(3, 13, generator=g) * 5
+    rel = logp_cur + ref_loss  # log p_cur - log p_ref
+    layout = batch_layout(labels)
+    signals = Signals(layout, rel, torch.zeros_like(rel), 1.0, seed=3, logp_cur=logp_cur, vocab_size=VOCAB)
+    score, keep, keep_rel = SELECTORS["loss_truncation"].select(config, signals)
+    expected = plain_loop(labels, ref_loss, config)
+    assert torch.equal(keep, expected) and torch.equal(keep_rel, keep)
+    assert not keep.all() and keep.sum() < layout.response.sum()  # some tokens were truncated
+    assert torch.allclose(score[layout.response], ref_loss[layout.response], atol=1e-5)  # the score is L_ref
+    assert budget_ratio(config) == 1.0  # kept number known after the forward: every response token counted
 
 
-def test_bad_input_is_refused(tmp_path):
-    ref = build_model("llama", VOCAB, seed=2)
-    with pytest.raises(ValueError, match="no response token"):
-        truncate_tokens(Dataset.from_list([{"input_ids": [5, 6, 7], "labels": [5, -100, -100]}]), ref)
-    with pytest.raises(ValueError, match="select_ratio"):
-        truncate_tokens(Dataset.from_list(pool_rows()), ref, 0.0)
+def test_bad_settings_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="set history='model' and history_model"):
+        SSTokenConfig(selector="loss_truncation")
     with pytest.raises(ValueError, match="truncation_loss"):
-        SSTokenConfig(selector="loss_truncation", truncation_loss=0.0)
-    with pytest.raises(ValueError, match="truncate_tokens"):
-        SSTokenCallback(SSTokenConfig(selector="loss_truncation"))
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "output_dir": "o", "use_cpu": True, "use_peft": True}))
+        SSTokenConfig(selector="loss_truncation", history="model", truncation_loss=0.0)
     with pytest.raises(ValueError, match="plain-SFT run on the same data"):
-        check_recipe(parse_recipe(["--config", str(path), "--sstoken_selector", "loss_truncation"]))
+        SSTokenCallback(SSTokenConfig.recommended())
 
 
-def test_cli_truncates_then_trains_only_on_kept_tokens(tmp_path, capsys):
+def test_sstoken_train_trains_run_1_then_truncates_by_it(tmp_path, capsys):
     rows = prompt_completion_rows(24, seed=3)
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=200)
-    for name, seed in (("base", 1), ("reference", 2)):
-        tokenizer.save_pretrained(tmp_path / name)
-        build_model("llama", len(tokenizer), seed=seed).save_pretrained(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / "base")
+    build_model("llama", len(tokenizer), seed=1).save_pretrained(tmp_path / "base")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = {
@@ -95,21 +104,22 @@ def test_cli_truncates_then_trains_only_on_kept_tokens(tmp_path, capsys):
         "bf16": False,
         "save_strategy": "no",
         "disable_tqdm": True,
-        "sstoken_selector": "loss_truncation",
-        "sstoken_history_model": str(tmp_path / "reference"),
-        "sstoken_select_ratio": 0.7,
+        "sstoken_recommended": True,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     trainer = train(parse_recipe(["--config", str(path)]))
-    assert trainer.state.global_step == 2
-    assert "Loss truncation: kept" in capsys.readouterr().out
-
-    reference = build_model("llama", len(tokenizer), seed=2).eval()
-    pretokenized = pretokenize(Dataset.from_list(rows), tokenizer).select_columns(["input_ids", "labels"])
-    expected, share = reference_truncation(pretokenized.to_list(), reference, 0.7, 1.0)
-    assert share < 1  # the random reference rates some tokens below a uniform guess
-    trained_on = {tuple(r["input_ids"]): r["labels"] for r in trainer.train_dataset}
-    assert [trained_on[tuple(ids)] for ids in pretokenized["input_ids"]] == expected
+    printed = capsys.readouterr().out
+    run_1 = tmp_path / "out" / REFERENCE_RUN
+    assert "run 1 of 2" in printed and "run 2 of 2" in printed
+    assert (run_1 / "adapter_config.json").is_file() and (tmp_path / "out" / "adapter_config.json").is_file()
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SSTokenCallback))
-    assert callback.config.selector == "full"
+    assert callback.config.selector == "loss_truncation" and callback.config.history_model == str(run_1)
+    selection = callback.last_selection
+    threshold = math.log(len(tokenizer))
+    dropped = selection.response & ~selection.keep
+    assert (selection.score[dropped] > threshold).all()  # only what run 1 rates below a uniform guess
+    kept_share = selection.keep.sum() / selection.response.sum()
+    assert kept_share >= 0.8 and trainer.state.global_step == 2
+    train(parse_recipe(["--config", str(path), "--max_steps", "1"]))  # run 1 is reused
+    assert f"reusing run 1 in {run_1}" in capsys.readouterr().out

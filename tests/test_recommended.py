@@ -51,9 +51,17 @@ def test_keys_given_at_the_paper_default_win_too(tmp_path):
     assert config.select_ratio != SSTokenConfig.recommended().select_ratio  # it did not take the recommended rho
 
 
-def test_paper_gamma_with_rel_in_nats_is_refused_with_what_to_do(tmp_path):
-    argv = recipe(tmp_path, sstoken_recommended=True)
+def test_one_run_recommendation_refuses_the_paper_gamma_with_rel_in_nats():
     with pytest.raises(ValueError, match="use gamma=1.0, or rel_norm='rank'"):
-        parse_recipe([*argv, "--sstoken_gamma", "0.5"])
-    config = parse_recipe([*argv, "--sstoken_gamma", "0.5", "--sstoken_rel_norm", "rank"]).sstoken
+        SSTokenConfig.recommended_one_run(gamma=0.5)
+    config = SSTokenConfig.recommended_one_run(gamma=0.5, rel_norm="rank")
     assert (config.gamma, config.rel_norm, config.scope) == (0.5, "rank", "batch")
+    assert config.selector == "sstoken" and config.history == "base"
+
+
+def test_loss_truncation_needs_a_model_history_and_says_which(tmp_path):
+    assert (SSTokenConfig.recommended().selector, SSTokenConfig.recommended().history) == ("loss_truncation", "model")
+    with pytest.raises(ValueError, match="set history='model' and history_model"):
+        SSTokenConfig.recommended(history="base")
+    with pytest.raises(ValueError, match="not history='ema'"):
+        parse_recipe([*recipe(tmp_path, sstoken_recommended=True), "--sstoken_history", "ema"])

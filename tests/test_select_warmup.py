@@ -68,7 +68,9 @@ class CountCheck(TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    "config", [SSTokenConfig(select_warmup_ratio=0.5), SSTokenConfig.recommended()], ids=["sample", "recommended"]
+    "config",
+    [SSTokenConfig(select_warmup_ratio=0.5), SSTokenConfig.recommended_one_run()],
+    ids=["sample", "recommended_one_run"],
 )
 def test_training_keeps_every_token_until_the_warmup_ends_and_counts_match(tokenizer, tmp_path, config):
     trainer, sstoken = trainer_for(tokenizer, config, tmp_path, max_steps=6)

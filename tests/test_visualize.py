@@ -163,7 +163,8 @@ def test_inspect_with_the_recommended_config_matches_a_plain_loop(inspect_setup,
     root, rows = inspect_setup
     output = root / "recommended.html"
     args = ["--model", str(root / "model"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl")]
-    run_inspect([*args, "--num_samples", "4", "--output", str(output), "--sstoken_recommended", "true"])
+    reference = ["--sstoken_history_model", str(root / "model")]  # stands in for run 1: the model it truncates by
+    run_inspect([*args, "--num_samples", "4", "--output", str(output), "--sstoken_recommended", "true", *reference])
     config = SSTokenConfig.recommended()
     base = AutoModelForCausalLM.from_pretrained(root / "model")
     model = PeftModel.from_pretrained(base, root / "adapter").eval()
@@ -171,28 +172,32 @@ def test_inspect_with_the_recommended_config_matches_a_plain_loop(inspect_setup,
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         logp_cur = token_log_probs(model(**inputs).logits, batch["input_ids"])
-        with model.disable_adapter():
-            logp_his = token_log_probs(model(**inputs).logits, batch["input_ids"])
-    clip = config.his_loss_clip * math.log(base.config.vocab_size)
-    tokens, shown = [], {}  # (score, sample, position): REL with L_his clipped, each response's last token first
+        logp_ref = token_log_probs(
+            AutoModelForCausalLM.from_pretrained(root / "model")(**inputs).logits, inputs["input_ids"]
+        )
+    threshold = config.truncation_loss * math.log(base.config.vocab_size)
+    suspects, safe, shown = [], set(), {}  # suspect: L_ref above a uniform guess and not a response's last token
     for b in range(4):
         positions = (batch["labels"][b, 1:] != -100).nonzero().flatten().tolist()
         for t in positions:
-            rel = min(-float(logp_his[b, t]), clip) + float(logp_cur[b, t])
-            tokens.append((math.inf if t == positions[-1] else rel, b, t))
-            shown[b, t] = rel
-    kept = sorted(tokens, reverse=True)[: math.ceil(config.select_ratio * len(tokens))]  # one threshold, 4 samples
-    kept += [token for token in tokens if token[0] >= config.rel_keep_threshold]  # and every REL >= 0
+            ref_loss = -float(logp_ref[b, t])
+            shown[b, t] = float(logp_cur[b, t] - logp_ref[b, t])
+            if ref_loss > threshold and t != positions[-1]:
+                suspects.append((ref_loss, b, t))
+            else:
+                safe.add((b, t))
+    total = len(safe) + len(suspects)
+    room = max(0, math.ceil(config.select_ratio * total) - len(safe))  # one batch: at least ceil(rho n) kept
+    kept = safe | {(b, t) for _, b, t in sorted(suspects)[:room]}  # the suspects of lowest L_ref fill it
+    assert suspects and len(kept) < total  # something is truncated
     page = Page(output.read_text())
     for b, sample in enumerate(page.samples):
         scored = [t["status"] in ("kept", "attention") for t in sample if t["status"] != "prompt"]
-        expected = {t for _, s, t in kept if s == b}
         positions = (batch["labels"][b, 1:] != -100).nonzero().flatten().tolist()
-        assert scored == [t in expected for t in positions]
+        assert scored == [(b, t) in kept for t in positions]
         assert scored[-1]  # the protected end
         rels = [float(t["attrs"]["data-rel"]) for t in sample if t["status"] != "prompt"]
-        assert rels == pytest.approx([shown[b, t] for t in positions], abs=1e-3)  # the page shows the clipped REL
-    assert any(t["status"] == "dropped" for sample in page.samples for t in sample)
+        assert rels == pytest.approx([shown[b, t] for t in positions], abs=1e-3)  # REL against the reference
 
 
 def test_inspect_command_without_adapter_ranks_by_attention(inspect_setup, tmp_path):

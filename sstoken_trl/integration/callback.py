@@ -50,15 +50,18 @@ class SSTokenCallback(TrainerCallback):
         self.config = config or SSTokenConfig()
         if self.config.selector in OFFLINE_SELECTORS:
             raise ValueError(
-                f"selector={self.config.selector!r} relabels the data once before training, not per batch: call "
+                "selector='token_cleaning' cleans the labels once before training, not per batch: call "
                 "sstoken_trl.selection.token_cleaning.clean_tokens(dataset, base_model, reference_model, "
-                "select_ratio) or sstoken_trl.selection.loss_truncation.truncate_tokens(dataset, reference_model), "
-                "then train with SSTokenConfig(selector='full') (sstoken-train --sstoken_selector "
-                f"{self.config.selector} does both)."
+                "select_ratio), then train with SSTokenConfig(selector='full') (sstoken-train "
+                "--sstoken_selector token_cleaning does both)."
             )
         self.history_model = history_model if history_model is not None else self.config.history_model
         if self.config.history == "model" and self.history_model is None:
-            raise ValueError("history='model' needs a history model: pass history_model=<path or model>.")
+            what = "the model of a plain-SFT run on the same data" if self.config.selector == "loss_truncation" else ""
+            raise ValueError(
+                f"history='model' needs a history model: pass history_model=<path or model{': ' if what else ''}"
+                f"{what}>" + (" (sstoken-train with sstoken_recommended: true trains it first)." if what else ".")
+            )
         self.trainer: Trainer | None = None
         self.selective_forward: SelectiveForward | None = None
         self._undo: list[Callable[[], None]] = []

@@ -124,6 +124,28 @@ def rho1(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     return torch.where(finite, excess, 0.0), keep, keep
 
 
+def loss_truncation(config: SSTokenConfig, s: Signals) -> SelectorOutput:
+    """Loss truncation against a self-reference (the history model: a plain-SFT run on the same data).
+
+    A token is suspect when L_ref > c * log(V) (c = truncation_loss): after a whole run of training on it the
+    reference still rates it below a uniform guess. Suspects are dropped, highest L_ref first, while at least
+    ceil(rho * n) tokens of the segment stay kept; with protect_response_end a response's last token never is.
+    The score is L_ref.
+    """
+    if s.logp_cur is None or s.vocab_size < 2:
+        raise ValueError("loss_truncation needs the current log-probs and the model's vocabulary size.")
+    response = s.layout.response
+    ref_loss = torch.nan_to_num(s.rel - s.logp_cur, nan=torch.inf)  # L_ref = log p_cur - log p_ref - log p_cur
+    suspect = response & (ref_loss > config.truncation_loss * math.log(s.vocab_size))
+    if config.protect_response_end:
+        suspect &= ~response_ends(response, s.layout.sample_ids())
+    safety = torch.where(suspect, -ref_loss, torch.inf)  # kept first: every non-suspect, then the lowest L_ref
+    segment, num_segments = s.layout.segments(config.scope)
+    keep = top_ratio(safety, segment, response, num_segments, config.select_ratio, response, s.seed)
+    keep = keep | (response & ~suspect)
+    return torch.where(response, ref_loss, 0.0), keep, keep
+
+
 def _never(gamma: float) -> bool:
     return False
 
@@ -138,6 +160,7 @@ class Selector:
     needs_history: Callable[[float], bool]  # given this step's gamma
     needs_attention: Callable[[float], bool]
     keeps_all: bool = False
+    counts_all: bool = False  # the kept number is known only after the forward: the budget counts every token
 
 
 SELECTORS: dict[str, Selector] = {
@@ -145,11 +168,11 @@ SELECTORS: dict[str, Selector] = {
     "full": Selector(full, needs_history=_never, needs_attention=_never, keeps_all=True),
     "random": Selector(uniform_random, needs_history=_never, needs_attention=_never),
     "rho1": Selector(rho1, needs_history=_always, needs_attention=_never),
+    "loss_truncation": Selector(loss_truncation, needs_history=_always, needs_attention=_never, counts_all=True),
 }
 
 
-# Select once before training (token_cleaning.py, loss_truncation.py), then train "full".
-OFFLINE_SELECTORS = ("token_cleaning", "loss_truncation")
+OFFLINE_SELECTORS = ("token_cleaning",)  # select once before training (token_cleaning.py), then train "full"
 
 
 def get_selector(name: str) -> Selector:
@@ -166,7 +189,8 @@ def uses_history(config: SSTokenConfig) -> bool:
 def budget_ratio(config: SSTokenConfig) -> float:
     """Share of response tokens the trainer's token count must cover: 1 for "full" and when tokens above
     rel_keep_threshold are kept too (their number is known only after the forward), else rho."""
-    if get_selector(config.selector).keeps_all or config.rel_keep_threshold is not None:
+    selector = get_selector(config.selector)
+    if selector.keeps_all or selector.counts_all or config.rel_keep_threshold is not None:
         return 1.0
     return config.select_ratio
 

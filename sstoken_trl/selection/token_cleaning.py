@@ -13,20 +13,56 @@ and the pool holds one float per response token.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
+from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTConfig
 
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.selection.loss_truncation import truncate_tokens
-from sstoken_trl.selection.pool import load_reference, relabel, response_log_probs
+from sstoken_trl.data.spans import IGNORE_INDEX
+from sstoken_trl.dropout import dropout_off
+from sstoken_trl.trl_internals import add_fused_lm_head, fused_model, has_fused_head
+
+
+@contextmanager
+def _fused_head(model: nn.Module) -> Iterator[nn.Module]:
+    """The model (the one under PEFT) with TRL's fused LM head; a head installed here is removed after the block."""
+    inner = fused_model(model)
+    installed = not has_fused_head(inner)
+    if installed:
+        add_fused_lm_head(inner)
+    try:
+        with torch.no_grad(), dropout_off(inner):
+            yield inner
+    finally:
+        if installed:
+            del inner.forward
+
+
+def _padded(rows_ids: list[list[int]], rows_labels: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels of one batch."""
+    length = max(len(ids) for ids in rows_ids)
+    input_ids = torch.zeros((len(rows_ids), length), dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, (ids, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
+        if len(ids) != len(lab):
+            raise ValueError(f"A row has {len(ids)} input_ids but {len(lab)} labels: they must have the same length.")
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, : len(lab)] = torch.tensor(lab)
+        attention_mask[b, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def token_influence(
@@ -34,11 +70,36 @@ def token_influence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """influence = L_base - L_ref of every response token of `dataset`, flattened over the pool (float32, CPU).
 
-    Returns (influence, per-row count of response tokens); see `response_log_probs`.
+    Returns (influence, per-row count of response tokens). A response token is a target position t + 1 whose
+    label is not -100 (position 0 predicts nothing). Raises on a NaN influence.
     """
-    logp_base, counts, _ = response_log_probs(dataset, base_model, batch_size)
-    logp_ref, _, _ = response_log_probs(dataset, reference_model, batch_size)
-    return logp_ref - logp_base, counts
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    missing = {"input_ids", "labels"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(
+            f"TokenCleaning needs a pretokenized dataset with input_ids and labels (-100 off the responses); "
+            f"it has no {sorted(missing)} column. Run sstoken_trl.pretokenize(dataset, tokenizer) first."
+        )
+    scores, counts = [], []
+    with _fused_head(base_model) as base, _fused_head(reference_model) as reference:
+        base_device = base.get_input_embeddings().weight.device
+        ref_device = reference.get_input_embeddings().weight.device
+        for chunk in dataset.select_columns(["input_ids", "labels"]).iter(batch_size=batch_size):
+            batch = _padded(chunk["input_ids"], chunk["labels"], base_device)
+            logp_base = base(**batch, fused_lm_head=True).log_probs.float().cpu()
+            batch = {k: v.to(ref_device) for k, v in batch.items()}
+            logp_ref = reference(**batch, fused_lm_head=True).log_probs.float().cpu()
+            response = batch["labels"][:, 1:].cpu() != IGNORE_INDEX
+            scores.append((logp_ref - logp_base)[response])
+            counts.append(response.sum(dim=1))
+    influence = torch.cat(scores) if scores else torch.zeros(0)
+    if influence.isnan().any():
+        raise ValueError(
+            "TokenCleaning: a response token has a NaN influence (the base or the reference model gives NaN "
+            "log-probs). Check both models (dtype overflow, broken weights) before cleaning."
+        )
+    return influence, torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
 
 
 def global_top_ratio(influence: torch.Tensor, select_ratio: float) -> torch.Tensor:
@@ -67,37 +128,57 @@ def clean_tokens(
     label; other columns are untouched; rows left with no label stay in the dataset (they add no loss).
     """
     influence, counts = token_influence(dataset, base_model, reference_model, batch_size)
+    if influence.numel() == 0:
+        raise ValueError(
+            "TokenCleaning: the dataset has no response token (every label is -100, or the only labelled token is "
+            "the first one). Labels must mark the responses: pretokenize the samples with sstoken_trl.pretokenize."
+        )
     keep = global_top_ratio(influence, select_ratio)
-    return relabel(dataset, keep, counts, "token-cleaning"), keep.sum().item() / keep.numel()
+    offsets = torch.cumsum(counts, 0) - counts
+    keep_list, offset_list = keep.tolist(), offsets.tolist()
+
+    def clean(example: dict[str, Any], index: int) -> dict[str, Any]:
+        labels, out, j = example["labels"], [IGNORE_INDEX] * len(example["labels"]), offset_list[index]
+        for t in range(1, len(labels)):
+            if labels[t] != IGNORE_INDEX:
+                if keep_list[j]:
+                    out[t] = labels[t]
+                j += 1
+        return {"labels": out}
+
+    digest = hashlib.blake2b(keep.numpy().tobytes(), digest_size=8).hexdigest()
+    fingerprint = hashlib.blake2b(f"{dataset._fingerprint}/token-cleaning/{digest}".encode(), digest_size=8)
+    cleaned = dataset.map(clean, with_indices=True, new_fingerprint=fingerprint.hexdigest())
+    return cleaned, keep.sum().item() / keep.numel()
 
 
-REFERENCES = {
-    "token_cleaning": "scores tokens by L_base - L_ref and needs the reference model: set sstoken_history_model: "
-    "PATH (e.g. the base model fine-tuned on a small set of good data).",
-    "loss_truncation": "drops the tokens a plain-SFT run on the same data still cannot fit and needs that run: set "
-    "sstoken_history_model: PATH (the output_dir of sstoken-train with sstoken_selector: full on this data).",
-}
+def load_reference(path: str, like: PreTrainedModel) -> PreTrainedModel:
+    """The reference model from a path or hub id, in `like`'s dtype and on its device, frozen."""
+    dtype = like.dtype if like.dtype.is_floating_point else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(like.get_input_embeddings().weight.device).eval().requires_grad_(False)
 
 
 def check_token_cleaning(config: SSTokenConfig) -> None:
-    """Raise unless an offline selection (token_cleaning, loss_truncation) names its reference model."""
+    """Raise unless a token_cleaning run names its reference model (sstoken_history_model)."""
     if not config.history_model:
-        raise ValueError(f"sstoken_selector: {config.selector} {REFERENCES[config.selector]}")
+        raise ValueError(
+            "sstoken_selector: token_cleaning scores tokens by L_base - L_ref and needs the reference model: set "
+            "sstoken_history_model: PATH (e.g. the base model fine-tuned on a small set of good data)."
+        )
 
 
 def clean_train_split(
     train_set: Dataset, model: PreTrainedModel, config: SSTokenConfig, training: SFTConfig
 ) -> tuple[Dataset, SSTokenConfig]:
-    """sstoken-train with an offline selector (token_cleaning, loss_truncation): relabel the pretokenized train split
-    with the reference model (`history_model`), then train plain SFT on it (the returned config's selector is
-    "full")."""
+    """sstoken-train with selector token_cleaning: clean the pretokenized train split against the reference model
+    (`history_model`), then train plain SFT on it (the returned config's selector is "full")."""
     check_token_cleaning(config)
     if is_deepspeed_zero3_enabled():
         raise ValueError(
-            f"sstoken_selector: {config.selector} runs the models before training, which DeepSpeed ZeRO-3 partitions "
-            "at load. Clean the data first in a single process (sstoken_trl.selection.token_cleaning.clean_tokens or "
-            "sstoken_trl.selection.loss_truncation.truncate_tokens), save it, and train on it with sstoken_selector: "
-            "full."
+            "sstoken_selector: token_cleaning runs the base and reference models before training, which DeepSpeed "
+            "ZeRO-3 partitions at load. Clean the data first in a single process (sstoken_trl.selection.token_cleaning."
+            "clean_tokens), save it, and train on it with sstoken_selector: full."
         )
     placed = getattr(model, "hf_device_map", None) is None and model.device != training.device
     home = model.device
@@ -105,20 +186,14 @@ def clean_train_split(
         model.to(training.device)
     reference = load_reference(config.history_model, like=model)
     batch_size = training.per_device_eval_batch_size
-    if config.selector == "loss_truncation":
-        cleaned, kept = truncate_tokens(train_set, reference, config.select_ratio, config.truncation_loss, batch_size)
-        rule = f"dropped L_ref > {config.truncation_loss} log(V), at most {1 - config.select_ratio:.2f} of them"
-    else:
-        cleaned, kept = clean_tokens(train_set, model, reference, config.select_ratio, batch_size)
-        rule = f"global top {config.select_ratio} by L_base - L_ref"
+    cleaned, kept = clean_tokens(train_set, model, reference, config.select_ratio, batch_size)
     del reference
     if placed:
         model.to(home)
     if training.process_index == 0:
-        name = "Loss truncation" if config.selector == "loss_truncation" else "TokenCleaning"
         print(
-            f"{name}: kept {kept:.1%} of the training set's response tokens ({rule}, reference "
-            f"{config.history_model}); plain SFT on them follows."
+            f"TokenCleaning: kept {kept:.1%} of the training set's response tokens (global top "
+            f"{config.select_ratio} by L_base - L_ref, reference {config.history_model}); plain SFT on them follows."
         )
     return cleaned, replace(config, selector="full")
 

@@ -79,8 +79,9 @@ class RunArguments:
     sstoken_recommended: bool = field(
         default=False,
         metadata={
-            "help": "Start from SSTokenConfig.recommended() (docs/selectors.md) instead of the paper-exact settings; "
-            "sstoken_ keys set to a non-default value still win."
+            "help": "Start from SSTokenConfig.recommended() (docs/selectors.md) instead of the paper-exact settings: "
+            "loss truncation in two runs, run 1 (plain SFT) trained first into output_dir/reference unless "
+            "sstoken_history_model is given; sstoken_ keys you set still win."
         },
     )
     sstoken_user_tag: str = field(

@@ -8,14 +8,18 @@ SFTTrainer trains with `SSTokenCallback`. Runs as is or under `accelerate launch
 
 from __future__ import annotations
 
+import copy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTTrainer, get_peft_config
 
+from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.collator import pretokenize
 from sstoken_trl.integration.callback import SSTokenCallback
 from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, uses_history
@@ -25,6 +29,7 @@ from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
 
 SELECTION_PAGE = "selection.html"
+REFERENCE_RUN = "reference"  # folder under output_dir of the plain-SFT run that loss truncation reads
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -84,12 +89,33 @@ def _run(recipe: Recipe) -> SFTTrainer:
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.run.sstoken_torch_threads or threads)
     try:
+        if recipe.sstoken.selector == "loss_truncation" and not recipe.sstoken.history_model:
+            recipe = with_reference_run(recipe)
         return _train(recipe)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(recipe: Recipe) -> SFTTrainer:
+def with_reference_run(recipe: Recipe) -> Recipe:
+    """Loss truncation reads a plain-SFT run on the same data: train it into output_dir/reference (reused when a
+    model is saved there), and return the recipe with that run as its history model."""
+    folder = Path(recipe.training.output_dir) / REFERENCE_RUN
+    if not any((folder / name).is_file() for name in ("adapter_config.json", "config.json")):
+        if recipe.training.process_index == 0:
+            print(f"Loss truncation, run 1 of 2: plain SFT on the same data, into {folder}")
+        training = copy.deepcopy(recipe.training)
+        training.output_dir = str(folder)
+        plain = SSTokenConfig(selector="full", seed=recipe.sstoken.seed)
+        _train(replace(recipe, training=training, sstoken=plain), final=False)
+        PartialState().wait_for_everyone()  # every process reads run 1 once the main one has saved it
+    elif recipe.training.process_index == 0:
+        print(f"Loss truncation: reusing run 1 in {folder} (delete it to train it again)")
+    if recipe.training.process_index == 0:
+        print("Loss truncation, run 2 of 2: the same training on the tokens run 1 can fit")
+    return replace(recipe, sstoken=replace(recipe.sstoken, history_model=str(folder)))
+
+
+def _train(recipe: Recipe, final: bool = True) -> SFTTrainer:
     training, model_args = recipe.training, recipe.model
     train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
     if recipe.run.sstoken_build_tiny_model:
@@ -124,6 +150,8 @@ def _train(recipe: Recipe) -> SFTTrainer:
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
+    if not final:  # run 1 of loss truncation: run 2 follows in the same processes
+        return trainer
     if trainer.is_world_process_zero():
         report(trainer, callback, tokenizer, recipe)
     if hasattr(trainer, "end"):
