@@ -3,20 +3,17 @@ training run 1 (plain SFT) itself before run 2."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-import yaml
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.selectors import SELECTORS, Signals, budget_ratio
 from sstoken_trl.tools.arguments import parse_recipe
 from sstoken_trl.tools.cli import REFERENCE_RUN, train
-from sstoken_trl.tools.tiny import build_model, build_tokenizer
-from tests.conftest import prompt_completion_rows
+from tests.conftest import tiny_cli_run
 
 VOCAB = 50
 
@@ -83,31 +80,7 @@ def test_bad_settings_are_refused_with_what_to_do():
 
 
 def test_sstoken_train_trains_run_1_then_truncates_by_it(tmp_path, capsys):
-    rows = prompt_completion_rows(24, seed=3)
-    tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=200)
-    tokenizer.save_pretrained(tmp_path / "base")
-    build_model("llama", len(tokenizer), seed=1).save_pretrained(tmp_path / "base")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {
-        "model_name_or_path": str(tmp_path / "base"),
-        "dataset_name": str(data),
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "activation_checkpointing": False,
-        "max_steps": 2,
-        "per_device_train_batch_size": 8,
-        "report_to": [],
-        "bf16": False,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "sstoken_recommended": True,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path, _, tokenizer = tiny_cli_run(tmp_path, {"base": 1}, sstoken_recommended=True)
     trainer = train(parse_recipe(["--config", str(path)]))
     printed = capsys.readouterr().out
     run_1 = tmp_path / "out" / REFERENCE_RUN

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 
@@ -16,8 +15,8 @@ from sstoken_trl.data.collator import pretokenize
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.arguments import parse_recipe
 from sstoken_trl.tools.cli import check_recipe, train
-from sstoken_trl.tools.tiny import build_model, build_tokenizer
-from tests.conftest import prompt_completion_rows
+from sstoken_trl.tools.tiny import build_model
+from tests.conftest import tiny_cli_run
 from tests.reference import token_log_probs
 
 VOCAB = 90
@@ -96,36 +95,16 @@ def test_recipe_without_reference_is_refused(tmp_path):
 
 
 def test_cli_cleans_then_trains_only_on_kept_tokens(tmp_path, capsys):
-    rows = prompt_completion_rows(24, seed=3)
-    tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=200)
-    for name, seed in (("base", 1), ("reference", 2)):
-        tokenizer.save_pretrained(tmp_path / name)
-        build_model("llama", len(tokenizer), seed=seed).save_pretrained(tmp_path / name)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {
-        "model_name_or_path": str(tmp_path / "base"),
-        "dataset_name": str(data),
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "activation_checkpointing": False,
-        "max_steps": 3,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "report_to": [],
-        "bf16": False,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "sstoken_selector": "token_cleaning",
-        "sstoken_history_model": str(tmp_path / "reference"),
-        "sstoken_select_ratio": 0.5,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path, rows, tokenizer = tiny_cli_run(
+        tmp_path,
+        {"base": 1, "reference": 2},
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        sstoken_selector="token_cleaning",
+        sstoken_history_model=str(tmp_path / "reference"),
+        sstoken_select_ratio=0.5,
+    )
     trainer = train(parse_recipe(["--config", str(path)]))
     assert trainer.state.global_step == 3
     assert "TokenCleaning: kept 50.0% of the training set's response tokens" in capsys.readouterr().out
