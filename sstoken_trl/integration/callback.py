@@ -57,11 +57,10 @@ class SSTokenCallback(TrainerCallback):
             )
         self.history_model = history_model if history_model is not None else self.config.history_model
         if self.config.history == "model" and self.history_model is None:
-            what = "the model of a plain-SFT run on the same data" if self.config.selector == "loss_truncation" else ""
-            raise ValueError(
-                f"history='model' needs a history model: pass history_model=<path or model{': ' if what else ''}"
-                f"{what}>" + (" (sstoken-train with sstoken_recommended: true trains it first)." if what else ".")
-            )
+            hint = ""
+            if self.config.selector == "loss_truncation":
+                hint = " (run 1: a plain-SFT run on the same data; sstoken-train with sstoken_recommended trains it)"
+            raise ValueError(f"history='model' needs a history model: pass history_model=<path or model>{hint}.")
         self.trainer: Trainer | None = None
         self.selective_forward: SelectiveForward | None = None
         self._undo: list[Callable[[], None]] = []

@@ -135,7 +135,7 @@ def loss_truncation(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     if s.logp_cur is None or s.vocab_size < 2:
         raise ValueError("loss_truncation needs the current log-probs and the model's vocabulary size.")
     response = s.layout.response
-    ref_loss = torch.nan_to_num(s.rel - s.logp_cur, nan=torch.inf)  # L_ref = log p_cur - log p_ref - log p_cur
+    ref_loss = torch.nan_to_num(s.rel - s.logp_cur, nan=torch.inf)  # REL - log p_cur = -log p_ref = L_ref
     suspect = response & (ref_loss > config.truncation_loss * math.log(s.vocab_size))
     if config.protect_response_end:
         suspect &= ~response_ends(response, s.layout.sample_ids())

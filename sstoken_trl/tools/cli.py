@@ -104,7 +104,7 @@ def with_reference_run(recipe: Recipe) -> Recipe:
         if recipe.training.process_index == 0:
             print(f"Loss truncation, run 1 of 2: plain SFT on the same data, into {folder}")
         training = copy.deepcopy(recipe.training)
-        training.output_dir = str(folder)
+        training.output_dir, training.resume_from_checkpoint = str(folder), None
         plain = SSTokenConfig(selector="full", seed=recipe.sstoken.seed)
         _train(replace(recipe, training=training, sstoken=plain), final=False)
         PartialState().wait_for_everyone()  # every process reads run 1 once the main one has saved it
