@@ -22,7 +22,7 @@ from trl import SFTTrainer, get_peft_config
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.collator import pretokenize
 from sstoken_trl.integration.callback import SSTokenCallback
-from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, uses_history
+from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
 from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
@@ -34,7 +34,7 @@ REFERENCE_RUN = "reference"  # folder under output_dir of the plain-SFT run that
 
 def check_recipe(recipe: Recipe) -> None:
     """Raise on settings that cannot work together, before anything is loaded."""
-    if recipe.sstoken.selector in OFFLINE_SELECTORS:
+    if recipe.sstoken.selector == "token_cleaning":
         check_token_cleaning(recipe.sstoken)
     elif uses_history(recipe.sstoken) and recipe.sstoken.history == "base" and not recipe.model.use_peft:
         raise ValueError(
@@ -63,7 +63,7 @@ def response_labels(dataset: Dataset | None, tokenizer: PreTrainedTokenizerBase,
 def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
     """Print what the last micro-batch selected and write it as an HTML page into output_dir."""
     selection = callback.last_selection
-    if selection is None or recipe.sstoken.selector in OFFLINE_SELECTORS:  # relabelled before training: no selection
+    if selection is None or recipe.sstoken.selector == "token_cleaning":  # cleaned before training: no batch selection
         print(f"Adapter and tokenizer: {recipe.training.output_dir}")
         return
     page = Path(recipe.training.output_dir) / SELECTION_PAGE
@@ -136,7 +136,7 @@ def _train(recipe: Recipe, final: bool = True) -> SFTTrainer:
         train_set = response_labels(train_raw, tokenizer, recipe)
         eval_set = response_labels(eval_raw, tokenizer, recipe)
     sstoken = recipe.sstoken
-    if sstoken.selector in OFFLINE_SELECTORS:  # labels cleaned once here, then plain SFT on them
+    if sstoken.selector == "token_cleaning":  # labels cleaned once here, then plain SFT on them
         train_set, sstoken = clean_train_split(train_set, model, sstoken, training)
     callback = SSTokenCallback(sstoken)
     trainer = SFTTrainer(
