@@ -9,7 +9,8 @@ the end-of-turn / EOS token that closes each turn), everything else (system text
   also the tokenisation the model meets at inference: a prompt ending with the assistant tag, then the reply.
 - token ids (`{"input_ids": ..., "labels"?: ...}`): labels holding -100 are taken as they are (TRL's prepared
   data); otherwise the tags are located on the ids, or by character offsets when they merged with neighbours.
-- conversational (`{"messages": [...]}`): the chat template's `{% generation %}` assistant mask.
+- conversational (`{"messages": [...]}`): the chat template's `{% generation %}` assistant mask (TRL's patched
+  template for the ones it knows; for other templates without markers, the contents located in the rendered text).
 - prompt / completion (`{"prompt": ..., "completion": ...}`): the completion, as TRL computes it.
 """
 
@@ -24,7 +25,10 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from sstoken_trl.data.chat_spans import rendered_assistant_spans, span_mask
+
 IGNORE_INDEX = -100
+RENDERED = "rendered"  # spans of a chat template without generation markers, from its rendered text
 USER_TAG = "<|User|>"
 ASSISTANT_TAG = "<|Assistant|>"
 BAD_REASONS = ("no_assistant", "wrong_order", "empty_response", "no_labels")
@@ -197,17 +201,27 @@ class SpanFinder:
         return enc
 
     def from_messages(self, messages: list[dict[str, Any]], tools: Any = None) -> Encoded:
-        """Conversational sample through the chat template; responses = its `{% generation %}` blocks."""
-        out = self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            chat_template=self._training_template(),
-            tools=json.loads(tools) if isinstance(tools, str) else tools,
-        )
-        enc = Encoded(list(out["input_ids"]), [int(m) for m in out["assistant_masks"]])
+        """Conversational sample through the chat template; responses = its `{% generation %}` blocks, or, for a
+        template without them that TRL cannot patch, the assistant contents located in the rendered text
+        (`chat_spans`)."""
+        tools = json.loads(tools) if isinstance(tools, str) else tools
         kinds, responses = self._message_turns(messages)
+        template = self._training_template()
+        if template == RENDERED and _problem(kinds, responses, MESSAGE_NAMES) is None:
+            text, spans = rendered_assistant_spans(self.tokenizer, messages, tools)
+            out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = Encoded(list(out["input_ids"]), span_mask(out["offset_mapping"], spans))
+        else:
+            out = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=template != RENDERED,
+                chat_template=None if template == RENDERED else template,
+                tools=tools,
+            )
+            ids = list(out["input_ids"])
+            enc = Encoded(ids, [int(m) for m in out.get("assistant_masks", [0] * len(ids))])
         self._raise_if_bad(kinds, responses, enc, MESSAGE_NAMES)
         if not any(enc.response_mask):
             raise ValueError(
@@ -327,10 +341,14 @@ class SpanFinder:
         return kinds, responses
 
     def _training_template(self) -> str | None:
-        """The chat template with `{% generation %}` markers: the tokenizer's own, or TRL's patched version."""
+        """The chat template to render with: None for the tokenizer's own when it has `{% generation %}` markers,
+        TRL's patched version of a template it knows, else RENDERED (spans from the rendered text)."""
         template = self.tokenizer.chat_template
         if template is None:
             raise ValueError("Conversational samples need a tokenizer with a chat template (tokenizer.chat_template).")
         if self._chat_template is None and not has_generation_markers(template):
-            self._chat_template = get_training_chat_template(self.tokenizer)
+            try:
+                self._chat_template = get_training_chat_template(self.tokenizer)
+            except ValueError:  # a template TRL does not know how to patch
+                self._chat_template = RENDERED
         return self._chat_template

@@ -8,15 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
+from sstoken_trl.tools.loading import resolve_model
 from sstoken_trl.trl_internals import add_fused_lm_head, has_fused_head
 
 
 class ModelHistory(HistorySource):
-    """A separate frozen model, given as an instance or loaded from a path in the trained model's dtype."""
+    """A separate frozen model, given as an instance or loaded from a path (a folder, hub id or GGUF file) in the
+    trained model's dtype."""
 
     def __init__(self, model: PreTrainedModel | str, like: PreTrainedModel) -> None:
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=like.dtype)
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=like.dtype)
         model = model.to(like.device).eval().requires_grad_(False)
         if not has_fused_head(model):
             add_fused_lm_head(model)

