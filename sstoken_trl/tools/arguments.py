@@ -115,12 +115,26 @@ class RunArguments:
     sstoken_tiny_base_steps: int = field(
         default=120, metadata={"help": "Demo: optimizer steps of the plain-SFT base training of the tiny model."}
     )
+    sstoken_chitchat_conversations: int = field(
+        default=0,
+        metadata={
+            "help": "Demo: if dataset_name does not exist, write this many real conversations of the installed "
+            "chitchat-dataset package there as `messages` rows (speakers alternate as user / assistant); 0: off."
+        },
+    )
+    sstoken_chitchat_max_turns: int | None = field(
+        default=None, metadata={"help": "Demo: keep the first this many turns of each chitchat conversation."}
+    )
 
     def __post_init__(self) -> None:
         if self.sstoken_torch_threads is not None and self.sstoken_torch_threads < 1:
             raise ValueError(f"sstoken_torch_threads={self.sstoken_torch_threads} must be >= 1 (or unset).")
         if self.sstoken_tiny_base_steps < 1:
             raise ValueError(f"sstoken_tiny_base_steps={self.sstoken_tiny_base_steps} must be >= 1.")
+        if self.sstoken_chitchat_conversations < 0:
+            raise ValueError(f"sstoken_chitchat_conversations={self.sstoken_chitchat_conversations} must be >= 0.")
+        if self.sstoken_chitchat_max_turns is not None and self.sstoken_chitchat_max_turns < 2:
+            raise ValueError(f"sstoken_chitchat_max_turns={self.sstoken_chitchat_max_turns} must be >= 2 (or unset).")
 
 
 DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SSTokenArguments, RunArguments)

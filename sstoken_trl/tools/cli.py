@@ -25,6 +25,7 @@ from sstoken_trl.integration.callback import SSTokenCallback
 from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
+from sstoken_trl.tools.chitchat import write_chitchat
 from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
 
@@ -115,8 +116,18 @@ def with_reference_run(recipe: Recipe) -> Recipe:
     return replace(recipe, sstoken=replace(recipe.sstoken, history_model=str(folder)))
 
 
+def ensure_demo_data(recipe: Recipe) -> None:
+    """The SmolLM2 demo's data: real chitchat conversations written to dataset_name when it does not exist."""
+    run, path = recipe.run, recipe.script.dataset_name
+    if run.sstoken_chitchat_conversations and path and not Path(path).exists():
+        with recipe.training.main_process_first(desc="chitchat demo data"):
+            if not Path(path).exists():
+                write_chitchat(path, run.sstoken_chitchat_conversations, run.sstoken_chitchat_max_turns)
+
+
 def _train(recipe: Recipe, final: bool = True) -> SFTTrainer:
     training, model_args = recipe.training, recipe.model
+    ensure_demo_data(recipe)
     train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
     if recipe.run.sstoken_build_tiny_model:
         from sstoken_trl.tools.demo import ensure_tiny_model
