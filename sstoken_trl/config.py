@@ -140,7 +140,9 @@ class SSTokenConfig:
             "help": "'sstoken' (the method), 'full' (no selection), 'random' (uniform rho), "
             "'rho1' (excess loss L_cur - L_ref; the history source is the reference), 'loss_truncation' (drop "
             "what the history model, a plain-SFT run on the same data, rates below a uniform guess), "
-            "'token_cleaning' (L_base - L_ref, once before training). docs/selectors.md."
+            "'self_truncation' (drop what the model being trained finds far more surprising than its own "
+            "uncertainty; no history model), 'token_cleaning' (L_base - L_ref, once before training). "
+            "docs/selectors.md."
         },
     )
     truncation_loss: float = field(
@@ -148,6 +150,14 @@ class SSTokenConfig:
         metadata={
             "help": "selector='loss_truncation': a token is dropped when the history model (a plain-SFT run on the "
             "same data) has a loss above this multiple of log(vocab size) on it; at least select_ratio is kept."
+        },
+    )
+    surprise_nats: float = field(
+        default=3.0,
+        metadata={
+            "help": "selector='self_truncation': a token is dropped when its loss under the model being trained "
+            "exceeds that model's predictive entropy at the position by more than this many nats (L_cur - H_cur); "
+            "at least select_ratio is kept. > 0."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
@@ -186,6 +196,8 @@ class SSTokenConfig:
         _one_of("attn_backend", self.attn_backend, BACKENDS)
         _one_of("history", self.history, HISTORY_SOURCES)
         _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
+        if not (math.isfinite(self.surprise_nats) and self.surprise_nats > 0):
+            raise ValueError(f"surprise_nats={self.surprise_nats} must be a finite number of nats > 0.")
         if not self.truncation_loss > 0:
             raise ValueError(f"truncation_loss={self.truncation_loss} must be > 0 (a multiple of log(vocab size)).")
         if self.selector == "loss_truncation" and self.history != "model":

@@ -18,11 +18,12 @@ from tests.conftest import tiny_cli_run
 VOCAB = 50
 
 
-def plain_loop(labels, ref_loss, config) -> torch.Tensor:
-    """Per segment (a sample, or the batch): suspects are L_ref > c log V but a response's last token (when
-    protected); the lowest-L_ref suspects fill the kept set up to ceil(rho n), the others are dropped."""
+def plain_loop(labels, ref_loss, config, threshold: float | None = None) -> torch.Tensor:
+    """Per segment (a sample, or the batch): suspects are L_ref > threshold (c log V by default) but a response's
+    last token (when protected); the lowest-L_ref suspects fill the kept set up to ceil(rho n), the others are
+    dropped."""
     keep = torch.zeros_like(ref_loss, dtype=torch.bool)
-    threshold = config.truncation_loss * math.log(VOCAB)
+    threshold = config.truncation_loss * math.log(VOCAB) if threshold is None else threshold
     rows = [[b] for b in range(labels.size(0))] if config.scope == "sample" else [list(range(labels.size(0)))]
     for segment in rows:
         safe, suspects = [], []

@@ -104,7 +104,8 @@ class SelectiveForward:
         attn = self.hook.take()[:, 1:] if attending else torch.zeros_like(logp_cur)
         rel_values = rel(logp_cur, logp_his) if logp_his is not None else torch.zeros_like(logp_cur)
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
-        signals = Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size)
+        entropy = out.entropy.detach() if out.entropy is not None else None
+        signals = Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size, entropy)
         score, keep, keep_rel = selector.select(self.config, signals)
         keep, keep_rel = keep | warm, keep_rel | warm
         self._record(kwargs, layout, ranked_rel(self.config, signals), attn, score, keep, keep_rel)

@@ -45,6 +45,7 @@ class Signals:
     seed: int  # seed of this micro-batch: the random draw, and tie-breaks
     logp_cur: torch.Tensor | None = None  # log p_cur on target positions, for his_loss_clip
     vocab_size: int = 0  # of the model, for his_loss_clip
+    entropy: torch.Tensor | None = None  # H_cur, the current model's predictive entropy per target position
 
 
 # How REL is normalised within a sample ("none": raw nats, for one threshold over the batch with gamma 1).
@@ -124,26 +125,46 @@ def rho1(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     return torch.where(finite, excess, 0.0), keep, keep
 
 
+def truncate(config: SSTokenConfig, s: Signals, suspicion: torch.Tensor, threshold: float) -> SelectorOutput:
+    """Drop the response tokens whose `suspicion` exceeds `threshold`, most suspect first, while at least
+    ceil(rho * n) tokens of the segment stay kept; with protect_response_end a response's last token never is.
+    The score is the suspicion."""
+    response = s.layout.response
+    suspect = response & (suspicion > threshold)
+    if config.protect_response_end:
+        suspect &= ~response_ends(response, s.layout.sample_ids())
+    safety = torch.where(suspect, -suspicion, torch.inf)  # kept first: every non-suspect, then the least suspect
+    segment, num_segments = s.layout.segments(config.scope)
+    keep = top_ratio(safety, segment, response, num_segments, config.select_ratio, response, s.seed)
+    keep = keep | (response & ~suspect)
+    return torch.where(response, suspicion, 0.0), keep, keep
+
+
 def loss_truncation(config: SSTokenConfig, s: Signals) -> SelectorOutput:
     """Loss truncation against a self-reference (the history model: a plain-SFT run on the same data).
 
     A token is suspect when L_ref > c * log(V) (c = truncation_loss): after a whole run of training on it the
-    reference still rates it below a uniform guess. Suspects are dropped, highest L_ref first, while at least
-    ceil(rho * n) tokens of the segment stay kept; with protect_response_end a response's last token never is.
-    The score is L_ref.
+    reference still rates it below a uniform guess. The score is L_ref.
     """
     if s.logp_cur is None or s.vocab_size < 2:
         raise ValueError("loss_truncation needs the current log-probs and the model's vocabulary size.")
-    response = s.layout.response
     ref_loss = torch.nan_to_num(s.rel - s.logp_cur, nan=torch.inf)  # REL - log p_cur = -log p_ref = L_ref
-    suspect = response & (ref_loss > config.truncation_loss * math.log(s.vocab_size))
-    if config.protect_response_end:
-        suspect &= ~response_ends(response, s.layout.sample_ids())
-    safety = torch.where(suspect, -ref_loss, torch.inf)  # kept first: every non-suspect, then the lowest L_ref
-    segment, num_segments = s.layout.segments(config.scope)
-    keep = top_ratio(safety, segment, response, num_segments, config.select_ratio, response, s.seed)
-    keep = keep | (response & ~suspect)
-    return torch.where(response, ref_loss, 0.0), keep, keep
+    return truncate(config, s, ref_loss, config.truncation_loss * math.log(s.vocab_size))
+
+
+def self_truncation(config: SSTokenConfig, s: Signals) -> SelectorOutput:
+    """Loss truncation inside one run, against the model being trained: no history model, no extra forward.
+
+    A token is suspect when its loss exceeds the model's own predictive entropy there by more than c nats
+    (L_cur - H_cur > c, c = surprise_nats): the model expects to pay H_cur at that position, and a token it
+    finds e^c times less likely than it expects contradicts what it has learned from the rest of the data. The
+    score is that surprise, L_cur - H_cur. Start it after a selection warm-up (select_warmup_ratio), once the
+    model has learned what the data agrees on.
+    """
+    if s.logp_cur is None or s.entropy is None:
+        raise ValueError("self_truncation needs the current log-probs and entropy (TRL's fused LM head outputs).")
+    surprise = torch.nan_to_num(-s.logp_cur - s.entropy, nan=torch.inf)
+    return truncate(config, s, surprise, config.surprise_nats)
 
 
 def _never(gamma: float) -> bool:
@@ -169,6 +190,7 @@ SELECTORS: dict[str, Selector] = {
     "random": Selector(uniform_random, needs_history=_never, needs_attention=_never),
     "rho1": Selector(rho1, needs_history=_always, needs_attention=_never),
     "loss_truncation": Selector(loss_truncation, needs_history=_always, needs_attention=_never, counts_all=True),
+    "self_truncation": Selector(self_truncation, needs_history=_never, needs_attention=_never, counts_all=True),
 }
 
 
