@@ -196,6 +196,8 @@ class SSTokenConfig:
         _one_of("attn_backend", self.attn_backend, BACKENDS)
         _one_of("history", self.history, HISTORY_SOURCES)
         _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
+        if self.rel_keep_threshold is not None:
+            self._check_rel_keep_threshold()
         if not (math.isfinite(self.surprise_nats) and self.surprise_nats > 0):
             raise ValueError(f"surprise_nats={self.surprise_nats} must be a finite number of nats > 0.")
         if not self.truncation_loss > 0:
@@ -215,6 +217,23 @@ class SSTokenConfig:
             raise ValueError(
                 f"rel_norm='none' keeps REL in nats, which cannot be mixed with AttnScore (in [0, 1]) at "
                 f"gamma={self.gamma}: use gamma=1.0, or rel_norm='rank' (or 'minmax') to mix the two."
+            )
+
+    def _check_rel_keep_threshold(self) -> None:
+        """rel_keep_threshold counts every response token in the loss's denominator, so it must act wherever the
+        budget counts on it: refused where it would be ignored (the loss would shrink by rho, silently)."""
+        if not math.isfinite(self.rel_keep_threshold):
+            raise ValueError(f"rel_keep_threshold={self.rel_keep_threshold} must be a finite number of nats, or None.")
+        if self.selector != "sstoken":
+            raise ValueError(
+                f"rel_keep_threshold keeps tokens by REL in the 'sstoken' selector only; selector={self.selector!r} "
+                "ignores it, and the loss would be divided by every response token. Unset rel_keep_threshold."
+            )
+        if self.rel_warmup_steps or self.rel_warmup_ratio:
+            raise ValueError(
+                "rel_keep_threshold is ignored during the REL warm-up (gamma is 0 there, no REL is computed), where "
+                "the loss would be divided by every response token; use select_warmup_ratio (every token trained) "
+                "instead of rel_warmup_steps / rel_warmup_ratio, or unset rel_keep_threshold."
             )
 
     @classmethod

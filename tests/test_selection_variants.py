@@ -226,3 +226,19 @@ def test_rel_keep_threshold_adds_every_token_with_rel_above_it_and_counts_all_to
     assert budget_ratio(config) == 1.0 and budget_ratio(SSTokenConfig(select_ratio=0.5)) == 0.5
     _, warm_keep, _ = sstoken_select(config, layout, rel_values, torch.zeros(2, 6), 0.0)  # REL warm-up: gamma 0
     assert warm_keep.sum(1).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (dict(rel_keep_threshold=float("nan")), "finite"),
+        (dict(rel_keep_threshold=float("inf")), "finite"),
+        (dict(rel_keep_threshold=0.0, selector="random"), "ignores it"),
+        (dict(rel_keep_threshold=0.0, selector="rho1"), "ignores it"),
+        (dict(rel_keep_threshold=0.0, rel_warmup_ratio=0.2), "REL warm-up"),
+        (dict(rel_keep_threshold=0.0, rel_warmup_steps=5), "REL warm-up"),
+    ],
+)
+def test_rel_keep_threshold_is_refused_where_it_would_be_ignored(fields, match):
+    with pytest.raises(ValueError, match=match):
+        SSTokenConfig(**fields)

@@ -77,6 +77,7 @@ def test_each_selector_asks_only_for_the_signals_it_uses():
         "random": (False, False),
         "rho1": (True, False),
         "loss_truncation": (True, False),
+        "self_truncation": (False, False),
     }
     assert not SELECTORS["sstoken"].needs_history(0.0) and SELECTORS["sstoken"].needs_attention(0.0)
     assert SELECTORS["sstoken"].needs_history(1.0) and not SELECTORS["sstoken"].needs_attention(1.0)
