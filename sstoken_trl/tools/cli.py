@@ -25,12 +25,20 @@ from sstoken_trl.notices import replay_kernel_notice
 from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
+from sstoken_trl.tools.describe import describe_rule
 from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
 from sstoken_trl.trl_internals import fused_model
 
 SELECTION_PAGE = "selection.html"
 REFERENCE_RUN = "reference"  # folder under output_dir of the plain-SFT run that loss truncation reads
+# sstoken/* statistics that only mean something when the rule reads this signal (the others: always shown)
+METRIC_SIGNALS = {
+    "rel_mean": "REL",
+    "nonfinite_rel_tokens": "REL",
+    "attn_score_mean": "AttnScore",
+    "kept_by_attention_fraction": "AttnScore",
+}
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -75,7 +83,13 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
     logged = [entry for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
     print(summarize(selection, tokenizer, recipe.sstoken, vocab_size, page=str(page)))
     if logged:
-        stats = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in logged[-1].items() if k.startswith("sstoken/"))
+        columns = describe_rule(recipe.sstoken, vocab_size).columns
+        shown = {
+            k.split("/")[1]: v
+            for k, v in logged[-1].items()
+            if k.startswith("sstoken/") and METRIC_SIGNALS.get(k.split("/")[1], "Score") in (*columns, "Score")
+        }
+        stats = ", ".join(f"{name} {v:.3f}" for name, v in shown.items())
         print(f"  last logged step {logged[-1].get('step', '?')}: {stats}")
     print(f"Adapter and tokenizer: {recipe.training.output_dir}")
 

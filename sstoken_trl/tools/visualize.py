@@ -89,6 +89,11 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def _listed(names: tuple[str, ...]) -> str:
+    """("REL", "Score") -> "REL and Score"."""
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
 def _values(token: Token) -> dict[str, float]:
     return {"REL": token.rel, "AttnScore": token.attn, "Score": token.score}
 
@@ -155,7 +160,7 @@ def render_html(
     rule = describe_rule(config, vocab_size, history)
     rows = sample_tokens(selection, tokenizer)
     total = _counts([t for row in rows for t in row])
-    hover = f" Hover a response token for its {', '.join(rule.columns)}." if rule.columns else ""
+    hover = f" Hover a response token for its {_listed(rule.columns)}." if rule.columns else ""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -212,7 +217,7 @@ def summarize(
     rest = len(rows) - len(shown)
     if page is not None:
         other = f"The other {rest} samples, and" if rest else "These samples, and"
-        lines.append(f"  {other} each token's {', '.join(rule.columns) or 'status'}: {page}")
+        lines.append(f"  {other} each token's {_listed(rule.columns) or 'status'} on hover: {page}")
     elif rest:
         lines.append(f"  ({rest} more samples not shown)")
     return "\n".join(lines)
