@@ -240,7 +240,7 @@ def _print_help(argv: list[str], prog: str = "sstoken-train") -> None:
 def print_help(text: str) -> None:
     """Print `text` and exit with status 0, also when stdout is a pipe closed early (`--help | head`)."""
     try:
-        print(text, flush=True)
+        print(text.rstrip(), flush=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
     raise SystemExit(0)

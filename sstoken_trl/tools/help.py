@@ -59,7 +59,7 @@ def render_help(usage: str, description: str, groups: Sequence[tuple[str, Sequen
         lines.append("")
     if epilog:
         lines += [*textwrap.wrap(epilog, width, break_on_hyphens=False), ""]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip() + "\n"
 
 
 __all__ = ["Option", "dataclass_options", "render_help"]
