@@ -199,7 +199,8 @@ def summarize(
     kept = [t for t in flat if t.status in ("kept", "attention")]
     dropped = [t for t in flat if t.status == "dropped"]
     lines = [f"{heading}: {len(rows)} samples, {_headline(_counts(flat), rule)}."]
-    lines += textwrap.wrap(f"Selection, {rule.name}: {rule.text}", 116, initial_indent="  ", subsequent_indent="    ")
+    wrap = dict(initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
+    lines += textwrap.wrap(f"Selection, {rule.name}: {rule.text}", 116, **wrap)  # paths stay whole
     if rule.columns:
         means = []
         for name in rule.columns:
