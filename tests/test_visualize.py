@@ -19,6 +19,7 @@ from sstoken_trl.data.collator import SSTokenCollator
 from sstoken_trl.integration.selective_forward import BatchSelection
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.selectors import sstoken_select
+from sstoken_trl.tools.describe import describe_rule
 from sstoken_trl.tools.inspection import run_inspect
 from sstoken_trl.tools.tiny import build_model, build_tokenizer
 from sstoken_trl.tools.visualize import chosen_samples, render_html, sample_tokens, summarize
@@ -314,3 +315,11 @@ def test_packed_row_renders_each_document_and_keeps_eos_tokens(words):
         expected = words.decode(row_ids[0, :n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert "".join(t["text"] for t in tokens) == expected
         assert tokens[-1]["status"] == "kept"  # the EOS response token is shown and scored, not taken for padding
+
+
+def test_rule_states_the_one_run_recommendation_with_its_clip_in_nats():
+    rule = describe_rule(SSTokenConfig.recommended_one_run(), vocab_size=VOCAB)
+    assert rule.columns == ("REL", "Score")  # gamma 1: no attention term
+    assert f"L_his clipped at log V = {math.log(VOCAB):.2f} nats" in rule.text
+    assert "Score = REL and the top ceil(0.8 x n) are kept" in rule.text and "last token is always kept" in rule.text
+    assert "The first 50% of the steps train on every response token" in rule.text

@@ -38,25 +38,24 @@ def _log_v(config: SSTokenConfig, multiple: float, vocab_size: int | None) -> st
 
 def _sstoken(config: SSTokenConfig, within: str, vocab_size: int | None, history: bool) -> str:
     g = config.gamma
-    text = (
-        f"{within} response tokens are ranked by Score = {g:g} x {config.rel_norm}(REL) + {1 - g:g} x AttnScore "
-        f"and the top ceil({config.select_ratio:g} x n) are kept. "
-    )
+    rel = "REL" if config.rel_norm == "none" else f"{config.rel_norm}(REL)"
+    formula = rel if g == 1 else "AttnScore" if g == 0 else f"{g:g} x {rel} + {1 - g:g} x AttnScore"
+    kept = f"the top ceil({config.select_ratio:g} x n) are kept"
+    sentences = [f"{within} response tokens are ranked by Score = {formula} and {kept}."]
     if not history:
-        text += "There is no history model, so REL is 0 and the tokens are ranked by AttnScore alone."
-    else:
-        text += f"REL = L_his - L_cur against {_history(config)}"
-        text += (
-            f", L_his clipped at {_log_v(config, config.his_loss_clip, vocab_size)}." if config.his_loss_clip else "."
-        )
+        sentences.append("There is no history model, so REL is 0 and the tokens are ranked by AttnScore alone.")
+    elif g > 0:
+        clip = config.his_loss_clip
+        clipped = f", L_his clipped at {_log_v(config, clip, vocab_size)}" if clip is not None else ""
+        sentences.append(f"REL = L_his - L_cur against {_history(config)}{clipped}.")
     if g < 1:
-        text += f" AttnScore: attention to the prompt at decoder layer {config.attn_layer}."
+        sentences.append(f"AttnScore: attention to the prompt at decoder layer {config.attn_layer}.")
     if config.rel_keep_threshold is not None:
-        text += f" Every token with REL >= {config.rel_keep_threshold:g} nats is kept too."
+        sentences.append(f"Every token with REL >= {config.rel_keep_threshold:g} nats is kept too.")
     if config.rel_warmup_steps or config.rel_warmup_ratio:
         span = f"{config.rel_warmup_steps} steps" if config.rel_warmup_steps else f"{config.rel_warmup_ratio:.0%}"
-        text += f" gamma is 0 for the first {span} of training."
-    return text
+        sentences.append(f"gamma is 0 for the first {span} of training.")
+    return " ".join(sentences)
 
 
 def _loss_truncation(config: SSTokenConfig, within: str, vocab_size: int | None) -> str:
@@ -79,7 +78,7 @@ def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history:
     elif config.selector == "random":
         name, text = (
             "random",
-            f"ceil({rho:g} x n) of {within} response tokens, drawn uniformly, are kept. Score: the draw.",
+            f"ceil({rho:g} x n) of {within} response tokens, drawn uniformly, are kept. Score is the draw.",
         )
     elif config.selector == "rho1":
         name = "RHO-1"
@@ -91,7 +90,7 @@ def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history:
         name, text = "loss truncation", _loss_truncation(config, within, vocab_size)
     else:
         name, text = "ssToken", _sstoken(config, within[0].upper() + within[1:], vocab_size, history)
-    if config.protect_response_end and config.selector != "loss_truncation" and not selector.keeps_all:
+    if config.protect_response_end and config.selector == "sstoken":
         text += " A response's last token is always kept."
     if config.select_warmup_ratio:
         text += f" The first {config.select_warmup_ratio:.0%} of the steps train on every response token."
