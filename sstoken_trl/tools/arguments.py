@@ -65,11 +65,12 @@ class SSTokenSettingError(ValueError):
     """A bad ssToken value; `as_written` names the fields as the user spelled them."""
 
     def as_written(self, argv: list[str]) -> ValueError:
-        """This error with each `SSTokenConfig` field named as a flag (`--sstoken_x V`) when it was given as one,
-        else as a recipe key (`sstoken_x: V`)."""
+        """This error with each ssToken field (of `SSTokenConfig` or `RunArguments`) named as a flag
+        (`--sstoken_x V`) when it was given as one, else as a recipe key (`sstoken_x: V`)."""
         flags, _ = _given(argv)
         message = str(self)
-        for name in sorted((f.name for f in fields(SSTokenConfig)), key=len, reverse=True):
+        names = [f.name for f in fields(SSTokenConfig)] + [f.name.removeprefix(PREFIX) for f in fields(RunArguments)]
+        for name in sorted(names, key=len, reverse=True):
             flag = name in flags
 
             def spell(match: re.Match, name: str = name, flag: bool = flag) -> str:
@@ -78,7 +79,8 @@ class SSTokenSettingError(ValueError):
                     return f"--{PREFIX}{name}" if flag else PREFIX + name
                 return f"--{PREFIX}{name} {value}" if flag else f"{PREFIX}{name}: {value}"
 
-            message = re.sub(rf"(?<![\w-]){name}(?:=('[^']*'|<[^>]*>|-?[\w.]*\w))?(?![\w])", spell, message)
+            pattern = rf"(?<![\w-])(?:{PREFIX})?{name}(?:=('[^']*'|<[^>]*>|-?[\w.]*\w))?(?![\w])"
+            message = re.sub(pattern, spell, message)
         return ValueError(f"Invalid ssToken setting: {message}")
 
 
@@ -157,9 +159,9 @@ class RunArguments:
 
     def __post_init__(self) -> None:
         if self.sstoken_torch_threads is not None and self.sstoken_torch_threads < 1:
-            raise ValueError(f"sstoken_torch_threads={self.sstoken_torch_threads} must be >= 1 (or unset).")
+            raise SSTokenSettingError(f"sstoken_torch_threads={self.sstoken_torch_threads} must be >= 1 (or unset).")
         if self.sstoken_tiny_base_steps < 1:
-            raise ValueError(f"sstoken_tiny_base_steps={self.sstoken_tiny_base_steps} must be >= 1.")
+            raise SSTokenSettingError(f"sstoken_tiny_base_steps={self.sstoken_tiny_base_steps} must be >= 1.")
 
 
 TRL_DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
