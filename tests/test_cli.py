@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import typing
 from dataclasses import MISSING, fields
 
@@ -13,10 +16,18 @@ from peft import LoraConfig
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_peft_config
 
 from sstoken_trl.config import SSTokenConfig
-from sstoken_trl.tools.arguments import DATACLASSES, PREFIX, RunArguments, SSTokenArguments, parse_recipe
+from sstoken_trl.tools.arguments import (
+    DATACLASSES,
+    PREFIX,
+    TRL_DATACLASSES,
+    RunArguments,
+    SSTokenArguments,
+    parse_recipe,
+)
 from sstoken_trl.tools.cli import check_recipe, main
 from sstoken_trl.tools.loading import load_model, load_splits
 from sstoken_trl.tools.tiny import build_model
+from tests.conftest import tiny_cli_run
 
 BASE = {"model_name_or_path": "m", "output_dir": "o", "use_cpu": True, "use_peft": True}
 BASE["activation_checkpointing"] = False  # TRL's default is on, under a name transformers deprecated
@@ -68,12 +79,96 @@ def test_unknown_keys_fail_with_the_key_named(tmp_path, keys, flags, named):
 
 
 @pytest.mark.parametrize(
-    ("keys", "named"),
-    [({"sstoken_select_ratio": 1.5}, "select_ratio=1.5"), ({"sstoken_history": "past"}, "history='past'")],
+    ("keys", "flags", "named"),
+    [
+        ({"sstoken_select_ratio": 1.5}, [], "sstoken_select_ratio: 1.5 must be in (0, 1]"),
+        ({"sstoken_history": "past"}, [], "sstoken_history: 'past' is not supported"),
+        ({}, ["--sstoken_select_ratio", "1.5"], "--sstoken_select_ratio 1.5 must be in (0, 1]"),
+        ({}, ["--sstoken_gamma=2"], "--sstoken_gamma 2.0 must be in [0, 1]"),
+        # run through the recommended configuration: the recipe's key, the field it conflicts with as a flag
+        ({"sstoken_recommended": True}, ["--sstoken_history", "base"], "not --sstoken_history 'base': set"),
+        ({"sstoken_torch_threads": 0}, [], "sstoken_torch_threads: 0 must be >= 1"),  # a command setting
+        ({}, ["--sstoken_tiny_base_steps", "0"], "--sstoken_tiny_base_steps 0 must be >= 1"),
+    ],
 )
-def test_invalid_sstoken_values_fail_at_parse_time(tmp_path, keys, named):
-    with pytest.raises(ValueError, match=named):
-        parse_recipe(["--config", write_recipe(tmp_path, **keys)])
+def test_invalid_sstoken_values_name_the_key_or_flag_as_written(tmp_path, keys, flags, named):
+    with pytest.raises(ValueError) as error:
+        parse_recipe(["--config", write_recipe(tmp_path, **keys), *flags])
+    assert named in str(error.value)
+    assert not re.search(r"\w=", str(error.value))  # no `field=value` as the dataclasses write it
+
+
+def test_main_names_the_flag_and_exits_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", write_recipe(tmp_path), "--sstoken_select_ratio", "1.5"])
+    assert exit_info.value.code == 2
+    assert "sstoken-train: error: Invalid ssToken setting: --sstoken_select_ratio 1.5" in capsys.readouterr().err
+
+
+def _command(name: str) -> str:
+    command = shutil.which(name)
+    assert command, f"the {name} entry point is not installed: pip install -e ."
+    return command
+
+
+@pytest.fixture(scope="module")
+def train_help() -> subprocess.CompletedProcess:
+    """`sstoken-train --help` as a user runs it: the installed command, in a fresh process."""
+    done = subprocess.run([_command("sstoken-train"), "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_help_shows_the_description_config_and_sstoken_flags_first(train_help):
+    """`sstoken-train --help | head -40`: what the command does, --config, the ssToken flags; TRL's are a pointer."""
+    head = train_help.stdout.splitlines()[:40]
+    assert head[0].startswith("usage: sstoken-train --config RECIPE.yaml")
+    described = "Fine-tune a causal language model with TRL's SFTTrainer and ssToken token selection"
+    assert described in " ".join(" ".join(head).split())  # however wide the terminal wraps it
+    flags = [line.split()[0] for line in head if line.startswith("  --")]
+    assert flags[0] == "--config" and "--sstoken_select_ratio" in flags and "--sstoken_gamma" in flags
+
+
+def test_help_lists_every_sstoken_field_by_group_and_points_to_trl(train_help):
+    text = train_help.stdout
+    flags = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    ours = [f"--{f.name}" for cls in (SSTokenArguments, RunArguments) for f in fields(cls)]
+    assert flags == ["--config", "--help-all", *ours]  # generated from the dataclasses, in their order
+    selection, command = text.index("ssToken selection settings"), text.index("ssToken command settings")
+    assert selection < text.index("--sstoken_select_ratio") < command < text.index("--sstoken_recommended")
+    pointer = " ".join(text.strip().split("\n\n")[-1].split())
+    assert pointer.startswith("TRL's arguments:") and "`sstoken-train --help-all` lists them all." in pointer
+    assert not {"--gradient_accumulation_steps", "--lora_alpha", "--dataset_text_field"} & set(text.split())
+    full = subprocess.run([_command("sstoken-train"), "--help-all"], capture_output=True, text=True, timeout=300)
+    trl = [f"--{f.name}" for cls in TRL_DATACLASSES for f in fields(cls)]
+    assert full.returncode == 0 and all(flag in full.stdout for flag in trl + ours)
+
+
+def test_help_prints_no_dependency_notice(train_help):
+    """No line about bitsandbytes' optional `kernels` package (nor any warning) on `sstoken-train --help`."""
+    printed = (train_help.stdout + train_help.stderr).splitlines()
+    assert not [line for line in printed if "kernels" in line]
+    assert train_help.stderr == ""
+
+
+def test_inspect_help_shows_its_arguments_then_the_sstoken_flags():
+    done = subprocess.run([_command("sstoken-inspect"), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    flags = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  --")]
+    assert flags[:3] == ["--model", "--data", "--adapter"] and "--sstoken_select_ratio" in flags
+    assert flags.index("--sstoken_recommended") < flags.index("--sstoken_select_ratio")
+    assert "Score a few samples with a model (and a PEFT adapter" in " ".join(done.stdout.split())
+
+
+def test_run_1_of_loss_truncation_logs_no_sstoken_metrics(tmp_path, capsys):
+    path, _, _ = tiny_cli_run(tmp_path, {"base": 1}, sstoken_recommended=True, logging_steps=1)
+    main(["--config", str(path)])
+    run_1, run_2 = capsys.readouterr().out.split("run 2 of 2", 1)
+    logs_1 = [line for line in run_1.splitlines() if line.startswith("{'loss'")]
+    logs_2 = [line for line in run_2.splitlines() if line.startswith("{'loss'")]
+    assert len(logs_1) == len(logs_2) == 2  # one per step, printed by TRL (disable_tqdm)
+    assert not any("sstoken/" in line for line in logs_1)
+    assert all("'sstoken/selected_fraction'" in line for line in logs_2)
 
 
 def test_main_exits_with_the_reason(tmp_path, capsys):

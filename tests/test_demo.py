@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from datasets import load_dataset
 from sstoken_trl.tools.arguments import parse_recipe
 from sstoken_trl.tools.cli import main, train
 from sstoken_trl.tools.demo import DATA_FILE, demo_rows
+from tests.test_readme import update_readme
 from tests.test_visualize import Page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,21 @@ def test_demo_builds_trains_and_reports(demo):
     assert len(page.samples) == 8
     statuses = {t["status"] for sample in page.samples for t in sample}
     assert {"prompt", "kept", "dropped"} <= statuses
+
+
+def test_readme_demo_block_is_what_a_real_run_prints(demo):
+    """The README's demo block (generated from the full recipe: python docs/update_readme.py --demo) against this
+    shortened run: the same lines and wording, figures aside; its samples are samples of the demo data."""
+    root, _, done = demo
+    printed = update_readme.readme_view(done.stdout.replace(str(root), "outputs/demo-cpu"))
+    shown = update_readme.output_block(update_readme.README.read_text(encoding="utf-8"), "demo-cpu")
+    assert update_readme.stable(shown) == update_readme.stable(printed), "run: python docs/update_readme.py --demo"
+    rows = {row["text"] for row in demo_rows()}
+    samples = re.findall(r"^  sample \d+: (.*)$", shown, flags=re.MULTILINE)
+    assert len(samples) == 3 and any("[" in text for text in samples)  # one shows a dropped token
+    for text in samples:
+        assert re.sub(r"[\[\]{}]|</s>", "", text) in rows  # marks and end-of-sequence tokens removed
+    assert "kernels" not in done.stderr and "FutureWarning" not in done.stderr  # no dependency noise
 
 
 def test_demo_reuses_what_it_built(demo, capsys):

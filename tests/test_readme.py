@@ -25,16 +25,49 @@ def commands(program: str) -> list[list[str]]:
     return [shlex.split(args) for args in found]
 
 
-def test_configuration_tables_are_generated_from_the_dataclasses():
+def _load_update_readme():
     spec = importlib.util.spec_from_file_location("update_readme", ROOT / "docs" / "update_readme.py")
-    update_readme = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(update_readme)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+update_readme = _load_update_readme()
+
+
+def test_configuration_tables_are_generated_from_the_dataclasses():
     assert update_readme.readme_block(README) == fields_markdown(), "run: python docs/update_readme.py"
 
 
 def test_setup_commands_are_the_documented_ones():
-    assert 'pip install "torch==2.13.0" -e ".[test]" && sstoken-train --config recipes/demo-cpu.yaml\n' in README
-    assert "\npython -m pytest\n" in README
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    lines = quick_start.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert lines[0].startswith("git clone ") and lines[0].endswith(" sstoken-trl && cd sstoken-trl")
+    assert lines[1:] == [
+        "python -m venv .venv && . .venv/bin/activate",
+        'pip install "torch==2.13.0" -e ".[test]" && sstoken-train --config recipes/demo-cpu.yaml',
+        "python -m pytest",
+    ]
+
+
+def test_every_output_block_is_in_the_readme_with_its_command():
+    for name, command in update_readme.OUTPUTS.items():
+        shown = update_readme.output_block(README, name)
+        assert shown and shown == update_readme.readme_view(shown)  # no trainer log line in it
+        start, end = update_readme.output_markers(name)
+        assert f"Printed by `{command}` in a fresh clone" in README.split(start, 1)[1].split(end, 1)[0]
+        program, *args = shlex.split(command)
+        assert program in update_readme.SCRIPTS
+        if program == "sstoken-train":
+            parse_recipe([*args, *CPU])
+
+
+def test_output_views_drop_log_lines_and_stable_parts_mask_figures():
+    stdout = "Run 1 of 2\n{'loss': '2.3', 'epoch': '0.5'}\nkept 79 (95.2%), REL +0.0241 | -0.8658\n"
+    assert update_readme.readme_view(stdout) == "Run 1 of 2\nkept 79 (95.2%), REL +0.0241 | -0.8658\n"
+    wrapped = "  Selection, x: above log V = 6.20 nats\n    (V = 491)\n  sample 4: <|User|>a[ b]</s>\n"
+    assert update_readme.stable(wrapped) == "  Selection, x: above log V = N nats (V = N)\n  sample N: ..."
+    assert update_readme.stable("REL nan | -1.5") == update_readme.stable("REL +0.2 | 3")
 
 
 def test_every_recipe_and_accelerate_config_is_documented_and_exists():

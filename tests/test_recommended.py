@@ -63,5 +63,5 @@ def test_loss_truncation_needs_a_model_history_and_says_which(tmp_path):
     assert (SSTokenConfig.recommended().selector, SSTokenConfig.recommended().history) == ("loss_truncation", "model")
     with pytest.raises(ValueError, match="set history='model' and history_model"):
         SSTokenConfig.recommended(history="base")
-    with pytest.raises(ValueError, match="not history='ema'"):
+    with pytest.raises(ValueError, match="not --sstoken_history 'ema'"):  # named as the flag it was given
         parse_recipe([*recipe(tmp_path, sstoken_recommended=True), "--sstoken_history", "ema"])

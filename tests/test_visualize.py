@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -18,9 +19,10 @@ from sstoken_trl.data.collator import SSTokenCollator
 from sstoken_trl.integration.selective_forward import BatchSelection
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.selectors import sstoken_select
+from sstoken_trl.tools.describe import describe_rule
 from sstoken_trl.tools.inspection import run_inspect
 from sstoken_trl.tools.tiny import build_model, build_tokenizer
-from sstoken_trl.tools.visualize import render_html, summarize
+from sstoken_trl.tools.visualize import chosen_samples, render_html, sample_tokens, summarize
 from tests.conftest import prompt_completion_rows
 from tests.reference import prompt_attention, reference_select, token_log_probs
 
@@ -106,10 +108,78 @@ def test_page_marks_kept_attention_and_dropped_tokens(words):
 
 def test_summary_counts_and_marks(words):
     selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
-    text = summarize(selection, words)
+    text = summarize(selection, words, CONFIG, page="out/selection.html")
     assert "2 samples, 6 response tokens, 3 kept (50.0%), 1 of them thanks to the attention score" in text
     delta = words.decode(selection.input_ids[0, selection.response[0].nonzero()[1] + 1])
     assert "{" + delta + "}" in text
+    assert "Selection, ssToken:" in text and "Score = 0.5 x minmax(REL) + 0.5 x AttnScore" in text
+    assert "These samples, and each token's REL, AttnScore and Score on hover: out/selection.html" in text
+
+
+# Six samples, rho 0.5, gamma 0.5: sample 4 keeps a token thanks to the attention score (REL and the combined
+# score disagree there only), sample 5 drops the most tokens (three of six); samples 1-3 drop one each.
+MANY = ["<|User|>alpha<|Assistant|>beta gamma" + {3: " delta", 4: " delta epsilon zeta"}.get(i, "") for i in range(6)]
+MANY_REL = [[0.9, 0.5, 0.0]] * 3 + [[0.9, 0.1, 0.5, 0.0], [0.9, 0.8, 0.7, 0.0, 0.0, 0.0], [0.9, 0.5, 0.0]]
+MANY_ATTN = [[0.0, 0.0, 0.0]] * 3 + [[0.0, 1.0, 0.0, 0.0], [0.0] * 6, [0.0, 0.0, 0.0]]
+
+
+def _marked_samples(text: str) -> dict[int, str]:
+    return {int(m[0]): m[1] for m in re.findall(r"^  sample (\d+): (.*)$", text, flags=re.MULTILINE)}
+
+
+def test_summary_shows_the_samples_that_say_most_and_where_the_rest_is(words):
+    tokenizer = build_tokenizer(MANY * 20, vocab_size=300)
+    selection, _, _ = selection_for(tokenizer, MANY, MANY_REL, MANY_ATTN, CONFIG)
+    rows = sample_tokens(selection, tokenizer)
+    dropped = [sum(t.status == "dropped" for t in row) for row in rows]
+    attention = [sum(t.status == "attention" for t in row) for row in rows]
+    assert dropped == [1, 1, 1, 2, 3, 1] and attention == [0, 0, 0, 1, 0, 0]  # test setup
+    text = summarize(selection, tokenizer, CONFIG, max_samples=2, page="p.html")
+    shown = _marked_samples(text)
+    assert set(shown) == {5, 4}  # the most dropped tokens; the one kept thanks to the attention score
+    assert shown[5].count("[") == 3 and shown[4].count("{") == 1
+    assert text.splitlines()[-1] == "  The other 4 samples, and each token's REL, AttnScore and Score on hover: p.html"
+    assert chosen_samples(rows, 3) == [0, 3, 4]  # then the most dropped or attention-kept, earliest; batch order
+    assert chosen_samples(rows, 6) == list(range(6))  # every sample, in batch order
+
+
+VOCAB = 491
+
+
+def test_page_names_loss_truncation_and_hides_the_attention_column(words):
+    config = SSTokenConfig.recommended(history_model="runs/reference")
+    selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
+    page_text = render_html(selection, words, config, vocab_size=VOCAB)
+    threshold = f"{math.log(VOCAB):.2f} nats"  # a uniform guess over the vocabulary
+    rule = re.search(r'<p class="rule">(.*?)</p>', page_text).group(1)
+    assert "loss truncation" in rule and "runs/reference" in rule and threshold in rule
+    assert "Score is the reference&#x27;s loss L_ref in nats" in rule and "at most 20%" in rule
+    titles = [t["attrs"]["title"] for s in Page(page_text).samples for t in s if t["status"] != "prompt"]
+    assert titles and all("AttnScore" not in t and t.startswith("REL ") and "Score " in t for t in titles)
+    assert "thanks to the attention score" not in page_text  # no attention term: no such status, no legend entry
+    text = summarize(selection, words, config, VOCAB, page="p.html")
+    assert threshold in text and "AttnScore" not in text and "braces" not in text
+    with pytest.raises(ValueError, match="vocab_size"):
+        render_html(selection, words, config)  # the threshold cannot be stated without the vocabulary size
+
+
+@pytest.mark.parametrize(
+    ("config", "columns"),
+    [
+        (SSTokenConfig(gamma=1.0), ("REL", "Score")),
+        (SSTokenConfig(gamma=0.0), ("AttnScore", "Score")),
+        (SSTokenConfig(selector="full"), ()),
+        (SSTokenConfig(selector="random"), ("Score",)),
+    ],
+)
+def test_a_signal_zero_by_construction_is_not_shown(words, config, columns):
+    selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
+    page = Page(render_html(selection, words, config))
+    scored = [t for s in page.samples for t in s if t["status"] != "prompt"]
+    for token in scored:
+        shown = tuple(part.split()[0] for part in token["attrs"]["title"].split(" | ")) if columns else ()
+        assert shown == columns
+        assert {"data-rel", "data-attn", "data-score"} <= set(token["attrs"])  # the data stays in the page
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +226,7 @@ def test_inspect_matches_the_reference_selection(inspect_setup, tokenizer, capsy
         assert kept == expected[b][response[b]].tolist()
         assert sum(kept) == math.ceil(0.5 * len(scored))
         assert any(abs(float(t["attrs"]["data-rel"])) > 1e-4 for t in scored)  # the adapter moved the model
-    assert "Selection page:" in capsys.readouterr().out
+    assert f"each token's REL, AttnScore and Score on hover: {output}" in capsys.readouterr().out
 
 
 def test_inspect_with_the_recommended_config_matches_a_plain_loop(inspect_setup, tokenizer):
@@ -245,3 +315,11 @@ def test_packed_row_renders_each_document_and_keeps_eos_tokens(words):
         expected = words.decode(row_ids[0, :n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert "".join(t["text"] for t in tokens) == expected
         assert tokens[-1]["status"] == "kept"  # the EOS response token is shown and scored, not taken for padding
+
+
+def test_rule_states_the_one_run_recommendation_with_its_clip_in_nats():
+    rule = describe_rule(SSTokenConfig.recommended_one_run(), vocab_size=VOCAB)
+    assert rule.columns == ("REL", "Score")  # gamma 1: no attention term
+    assert f"L_his clipped at log V = {math.log(VOCAB):.2f} nats" in rule.text
+    assert "Score = REL and the top ceil(0.8 x n) are kept" in rule.text and "last token is always kept" in rule.text
+    assert "The first 50% of the steps train on every response token" in rule.text

@@ -3,11 +3,15 @@
 `SSTokenArguments` is generated from `SSTokenConfig`'s fields (each prefixed `sstoken_`), so the two cannot
 drift; constructing it builds and validates the `SSTokenConfig`, so a bad value fails at parse time.
 `RunArguments` holds the few settings of the command itself (data template, demo model), prefixed the same
-way: every recipe key that TRL's `trl sft` does not know starts with `sstoken_`.
+way: every recipe key that TRL's `trl sft` does not know starts with `sstoken_`. `--help` shows `--config` and
+these two groups, generated from the dataclasses' fields; `--help-all` adds TRL's own arguments.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
 import typing
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
@@ -19,6 +23,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, T
 
 from sstoken_trl.config import RECOMMENDED, SSTokenConfig
 from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.tools.help import Option, dataclass_options, render_help
 
 PREFIX = "sstoken_"
 
@@ -41,18 +46,49 @@ def _to_config(self: Any, recommended: bool = False, given: set[str] | None = No
 
 def given_keys(argv: list[str]) -> set[str]:
     """ssToken fields set explicitly: `--sstoken_x` flags and `sstoken_x` keys of the `--config` recipe."""
-    names = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--" + PREFIX)}
+    flags, keys = _given(argv)
+    return flags | keys
+
+
+def _given(argv: list[str]) -> tuple[set[str], set[str]]:
+    """(fields set by `--sstoken_x` flags, fields set by `sstoken_x` keys of the `--config` recipe)."""
+    flags = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--" + PREFIX)}
     path = _config_path(argv)
-    if path is not None and Path(path).is_file():
-        names |= set(yaml.safe_load(Path(path).read_text()) or {})
-    return {name.removeprefix(PREFIX) for name in names if name.startswith(PREFIX)}
+    keys = set(yaml.safe_load(Path(path).read_text()) or {}) if path is not None and Path(path).is_file() else set()
+    return (
+        {name.removeprefix(PREFIX) for name in flags},
+        {name.removeprefix(PREFIX) for name in keys if name.startswith(PREFIX)},
+    )
+
+
+class SSTokenSettingError(ValueError):
+    """A bad ssToken value; `as_written` names the fields as the user spelled them."""
+
+    def as_written(self, argv: list[str]) -> ValueError:
+        """This error with each ssToken field (of `SSTokenConfig` or `RunArguments`) named as a flag
+        (`--sstoken_x V`) when it was given as one, else as a recipe key (`sstoken_x: V`)."""
+        flags, _ = _given(argv)
+        message = str(self)
+        names = [f.name for f in fields(SSTokenConfig)] + [f.name.removeprefix(PREFIX) for f in fields(RunArguments)]
+        for name in sorted(names, key=len, reverse=True):
+            flag = name in flags
+
+            def spell(match: re.Match, name: str = name, flag: bool = flag) -> str:
+                value = match.group(1)
+                if value is None:
+                    return f"--{PREFIX}{name}" if flag else PREFIX + name
+                return f"--{PREFIX}{name} {value}" if flag else f"{PREFIX}{name}: {value}"
+
+            pattern = rf"(?<![\w-])(?:{PREFIX})?{name}(?:=('[^']*'|<[^>]*>|-?[\w.]*\w))?(?![\w])"
+            message = re.sub(pattern, spell, message)
+        return ValueError(f"Invalid ssToken setting: {message}")
 
 
 def _validate(self: Any) -> None:
     try:
         self.to_config()
     except ValueError as err:
-        raise ValueError(f"Invalid ssToken setting (recipe keys and flags carry the prefix {PREFIX!r}): {err}") from err
+        raise SSTokenSettingError(str(err)) from err
 
 
 def _generated_fields() -> list[tuple[str, Any, Any]]:
@@ -70,6 +106,9 @@ SSTokenArguments = make_dataclass(
     namespace={"to_config": _to_config, "__post_init__": _validate, "__module__": __name__},
 )
 SSTokenArguments.__doc__ = "`SSTokenConfig`'s fields, prefixed `sstoken_` (generated: see `SSTokenConfig` for help)."
+SSTokenArguments._argument_group_name = (
+    "ssToken selection settings (SSTokenConfig; a recipe key is the flag without --)"
+)
 
 
 @dataclass
@@ -126,18 +165,25 @@ class RunArguments:
         default=None, metadata={"help": "Demo: keep the first this many turns of each chitchat conversation."}
     )
 
+    _argument_group_name = "ssToken command settings (sstoken-train itself)"
+
     def __post_init__(self) -> None:
         if self.sstoken_torch_threads is not None and self.sstoken_torch_threads < 1:
-            raise ValueError(f"sstoken_torch_threads={self.sstoken_torch_threads} must be >= 1 (or unset).")
+            raise SSTokenSettingError(f"sstoken_torch_threads={self.sstoken_torch_threads} must be >= 1 (or unset).")
         if self.sstoken_tiny_base_steps < 1:
-            raise ValueError(f"sstoken_tiny_base_steps={self.sstoken_tiny_base_steps} must be >= 1.")
+            raise SSTokenSettingError(f"sstoken_tiny_base_steps={self.sstoken_tiny_base_steps} must be >= 1.")
         if self.sstoken_chitchat_conversations < 0:
-            raise ValueError(f"sstoken_chitchat_conversations={self.sstoken_chitchat_conversations} must be >= 0.")
+            raise SSTokenSettingError(
+                f"sstoken_chitchat_conversations={self.sstoken_chitchat_conversations} must be >= 0."
+            )
         if self.sstoken_chitchat_max_turns is not None and self.sstoken_chitchat_max_turns < 2:
-            raise ValueError(f"sstoken_chitchat_max_turns={self.sstoken_chitchat_max_turns} must be >= 2 (or unset).")
+            raise SSTokenSettingError(
+                f"sstoken_chitchat_max_turns={self.sstoken_chitchat_max_turns} must be >= 2 (or unset)."
+            )
 
 
-DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SSTokenArguments, RunArguments)
+TRL_DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
+DATACLASSES = (*TRL_DATACLASSES, SSTokenArguments, RunArguments)
 
 
 @dataclass
@@ -152,9 +198,72 @@ class Recipe:
     run: RunArguments
 
 
+DESCRIPTION = """\
+Fine-tune a causal language model with TRL's SFTTrainer and ssToken token selection: each micro-batch trains
+only on the response tokens the selection keeps. One YAML recipe sets everything (TRL's flat `trl sft` keys plus
+the sstoken_ keys below); flags override its keys. Offline CPU demo: sstoken-train --config recipes/demo-cpu.yaml
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each help text; the description kept as written."""
+
+
 def make_parser(prog: str | None = "sstoken-train") -> TrlParser:
     """TRL's parser over TRL's dataclasses plus the sstoken_ ones (`--config FILE`, flags override it)."""
-    return TrlParser(DATACLASSES, prog=prog, allow_abbrev=False)
+    return TrlParser(
+        DATACLASSES,
+        prog=prog,
+        usage=f"{prog} --config RECIPE.yaml [--KEY VALUE ...]",
+        allow_abbrev=False,
+        description=DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+
+
+RECIPE_OPTIONS = [
+    Option(
+        "--config RECIPE.yaml",
+        "TRL's flat YAML: the keys below and TRL's; flags override them. Shipped recipes: recipes/*.yaml.",
+    ),
+    Option("-h, --help", "Show this help and exit."),
+    Option("--help-all", "Also list TRL's arguments, and exit."),
+]
+
+
+def _group_title(cls: type) -> str:
+    return getattr(cls, "_argument_group_name", cls.__name__)
+
+
+def short_help(prog: str = "sstoken-train") -> str:
+    """`--help`: the description, `--config`, the ssToken groups (from the dataclasses), a pointer to TRL's."""
+    count = sum(len(fields(cls)) for cls in TRL_DATACLASSES)
+    names = ", ".join(cls.__name__ for cls in TRL_DATACLASSES)
+    epilog = (
+        f"TRL's arguments: the {count} fields of TRL's {names} are recipe keys and flags too (--model_name_or_path, "
+        "--dataset_name, --output_dir, --learning_rate, --max_steps, --per_device_train_batch_size, --lora_r, "
+        f"--load_in_4bit, ...). `{prog} --help-all` lists them all."
+    )
+    groups = [("recipe", RECIPE_OPTIONS)]
+    groups += [(_group_title(cls), dataclass_options(cls)) for cls in (SSTokenArguments, RunArguments)]
+    return render_help(f"{prog} --config RECIPE.yaml [--KEY VALUE ...]", DESCRIPTION, groups, epilog)
+
+
+def _print_help(argv: list[str], prog: str = "sstoken-train") -> None:
+    """`--help` / `-h`: the short help; `--help-all`: every argument. Both exit with status 0."""
+    if "--help-all" in argv:
+        print_help(make_parser(prog).format_help())
+    if "--help" in argv or "-h" in argv:
+        print_help(short_help(prog))
+
+
+def print_help(text: str) -> None:
+    """Print `text` and exit with status 0, also when stdout is a pipe closed early (`--help | head`)."""
+    try:
+        print(text.rstrip(), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+    raise SystemExit(0)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -169,12 +278,18 @@ def _config_path(argv: list[str]) -> str | None:
 def parse_recipe(argv: list[str] | None = None) -> Recipe:
     """Parse `--config FILE` and flags into a `Recipe`; unknown keys and bad values raise a ValueError naming them."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _print_help(argv)
     path = _config_path(argv)
     if path is not None and not Path(path).is_file():
         raise FileNotFoundError(
             f"Recipe {path!r} not found; the shipped recipes live in the project's recipes/ folder."
         )
-    parsed = make_parser().parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+    try:
+        parsed = make_parser().parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except SSTokenSettingError as err:
+        raise err.as_written(argv) from err
     *values, from_config, from_flags = parsed
     if from_config:
         keys = ", ".join(repr(k[2:]) for k in from_config[::2])
@@ -191,7 +306,7 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     try:
         sstoken = sstoken_args.to_config(recommended=run.sstoken_recommended, given=given_keys(argv))
     except ValueError as err:
-        raise ValueError(f"Invalid ssToken setting (recipe keys and flags carry the prefix {PREFIX!r}): {err}") from err
+        raise SSTokenSettingError(str(err)).as_written(argv) from err
     return Recipe(script, training, model, data, sstoken, run)
 
 
@@ -227,7 +342,11 @@ __all__ = [
     "Recipe",
     "RunArguments",
     "SSTokenArguments",
+    "SSTokenSettingError",
+    "TRL_DATACLASSES",
     "fields_markdown",
     "make_parser",
     "parse_recipe",
+    "print_help",
+    "short_help",
 ]

@@ -19,18 +19,27 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTTrainer, get_peft_config
 
-from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.collator import pretokenize
 from sstoken_trl.integration.callback import SSTokenCallback
+from sstoken_trl.notices import replay_kernel_notice
 from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
 from sstoken_trl.tools.chitchat import write_chitchat
+from sstoken_trl.tools.describe import describe_rule
 from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
+from sstoken_trl.trl_internals import fused_model
 
 SELECTION_PAGE = "selection.html"
 REFERENCE_RUN = "reference"  # folder under output_dir of the plain-SFT run that loss truncation reads
+# sstoken/* statistics that only mean something when the rule reads this signal (the others: always shown)
+METRIC_SIGNALS = {
+    "rel_mean": "REL",
+    "nonfinite_rel_tokens": "REL",
+    "attn_score_mean": "AttnScore",
+    "kept_by_attention_fraction": "AttnScore",
+}
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -69,14 +78,21 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
         return
     page = Path(recipe.training.output_dir) / SELECTION_PAGE
     title = f"ssToken selection, last training batch: {recipe.model.model_name_or_path}"
-    page.write_text(render_html(selection, tokenizer, recipe.sstoken, title=title), encoding="utf-8")
+    vocab_size = fused_model(trainer.model).config.get_text_config().vocab_size  # the one the selection used
+    html = render_html(selection, tokenizer, recipe.sstoken, title=title, vocab_size=vocab_size)
+    page.write_text(html, encoding="utf-8")
     logged = [entry for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
-    print(summarize(selection, tokenizer))
+    print(summarize(selection, tokenizer, recipe.sstoken, vocab_size, page=str(page)))
     if logged:
-        stats = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in logged[-1].items() if k.startswith("sstoken/"))
+        columns = describe_rule(recipe.sstoken, vocab_size).columns
+        shown = {
+            k.split("/")[1]: v
+            for k, v in logged[-1].items()
+            if k.startswith("sstoken/") and METRIC_SIGNALS.get(k.split("/")[1], "Score") in (*columns, "Score")
+        }
+        stats = ", ".join(f"{name} {v:.3f}" for name, v in shown.items())
         print(f"  last logged step {logged[-1].get('step', '?')}: {stats}")
     print(f"Adapter and tokenizer: {recipe.training.output_dir}")
-    print(f"Selection page: {page}")
 
 
 def train(recipe: Recipe) -> SFTTrainer:
@@ -106,8 +122,7 @@ def with_reference_run(recipe: Recipe) -> Recipe:
             print(f"Loss truncation, run 1 of 2: plain SFT on the same data, into {folder}")
         training = copy.deepcopy(recipe.training)
         training.output_dir, training.resume_from_checkpoint = str(folder), None
-        plain = SSTokenConfig(selector="full", seed=recipe.sstoken.seed)
-        _train(replace(recipe, training=training, sstoken=plain), final=False)
+        _train(replace(recipe, training=training), plain=True)
         PartialState().wait_for_everyone()  # every process reads run 1 once the main one has saved it
     elif recipe.training.process_index == 0:
         print(f"Loss truncation: reusing run 1 in {folder} (delete it to train it again)")
@@ -125,7 +140,9 @@ def ensure_demo_data(recipe: Recipe) -> None:
                 write_chitchat(path, run.sstoken_chitchat_conversations, run.sstoken_chitchat_max_turns)
 
 
-def _train(recipe: Recipe, final: bool = True) -> SFTTrainer:
+def _train(recipe: Recipe, plain: bool = False) -> SFTTrainer:
+    """One training run as the recipe says; `plain`: run 1 of loss truncation, TRL's SFT as it is (no selection,
+    no sstoken/* metrics, no report)."""
     training, model_args = recipe.training, recipe.model
     ensure_demo_data(recipe)
     train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
@@ -143,13 +160,15 @@ def _train(recipe: Recipe, final: bool = True) -> SFTTrainer:
             )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training.trust_remote_code)
     model = load_model(model_args, training.trust_remote_code, **(training.model_init_kwargs or {}))
+    if model_args.load_in_4bit and model.device.type == "cpu":
+        replay_kernel_notice()  # bitsandbytes' note on its optional CPU 4-bit kernels now concerns this run
     with training.main_process_first(desc="ssToken response spans"):
         train_set = response_labels(train_raw, tokenizer, recipe)
         eval_set = response_labels(eval_raw, tokenizer, recipe)
     sstoken = recipe.sstoken
-    if sstoken.selector == "token_cleaning":  # labels cleaned once here, then plain SFT on them
+    if sstoken.selector == "token_cleaning" and not plain:  # labels cleaned once here, then plain SFT on them
         train_set, sstoken = clean_train_split(train_set, model, sstoken, training)
-    callback = SSTokenCallback(sstoken)
+    callback = SSTokenCallback(sstoken) if not plain else None
     trainer = SFTTrainer(
         model=model,
         args=training,
@@ -157,11 +176,11 @@ def _train(recipe: Recipe, final: bool = True) -> SFTTrainer:
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[callback],
+        callbacks=[callback] if callback is not None else [],
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
-    if not final:  # run 1 of loss truncation: run 2 follows in the same processes
+    if plain:  # run 1 of loss truncation: run 2 follows in the same processes
         return trainer
     if trainer.is_world_process_zero():
         report(trainer, callback, tokenizer, recipe)

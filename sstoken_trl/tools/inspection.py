@@ -24,7 +24,8 @@ from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import REAL_LABELS
-from sstoken_trl.tools.arguments import SSTokenArguments, given_keys
+from sstoken_trl.tools.arguments import SSTokenArguments, SSTokenSettingError, given_keys, print_help
+from sstoken_trl.tools.help import dataclass_options, render_help
 from sstoken_trl.tools.loading import load_data, load_model, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
 from sstoken_trl.trl_internals import add_fused_lm_head, fused_model, has_fused_head
@@ -32,6 +33,10 @@ from sstoken_trl.trl_internals import add_fused_lm_head, fused_model, has_fused_
 
 @dataclass
 class InspectArguments:
+    """What to score and where to write the page."""
+
+    _argument_group_name = "what to inspect"
+
     model: str = field(metadata={"help": "Base model: a hub id or a local folder."})
     data: str = field(metadata={"help": "Samples: a local .jsonl / .json / .csv / .parquet file or a hub dataset."})
     adapter: str | None = field(
@@ -82,8 +87,11 @@ def history_source(model: torch.nn.Module, inner: PreTrainedModel, config: SSTok
     return build_history(HistoryContext(config, model, inner, inner.forward, config.history_model))
 
 
-def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: SSTokenConfig) -> BatchSelection:
-    """The selection ssToken makes on `batch` (input_ids, attention_mask, labels), under no_grad."""
+def score_batch(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], config: SSTokenConfig
+) -> tuple[BatchSelection, bool]:
+    """The selection ssToken makes on `batch` (input_ids, attention_mask, labels), under no_grad, and whether it
+    had a history model (without one REL is 0)."""
     inner = fused_model(model)
     if not has_fused_head(model):
         raise ValueError(
@@ -91,22 +99,46 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: 
         )
     hook = hook_scoring_layer(inner, config)
     vocab_size = inner.config.get_text_config().vocab_size
-    step = SelectiveForward(inner.forward, config, hook, history_source(model, inner, config), 0, vocab_size)
+    history = history_source(model, inner, config)
+    step = SelectiveForward(inner.forward, config, hook, history, 0, vocab_size)
     step.global_step = step.rel_warmup  # past the warm-up: gamma as configured
     try:
         with torch.no_grad():
             step(**batch, **{REAL_LABELS: batch["labels"]}, fused_lm_head=True, use_cache=False)
     finally:
         hook.remove()
-    return step.last
+    return step.last, history is not None
+
+
+DESCRIPTION = (
+    "Score a few samples with a model (and a PEFT adapter, e.g. sstoken-train's output_dir) as ssToken would in "
+    "training, print which response tokens the selection keeps, and write them as an HTML page with each token's "
+    "scores. With an adapter the history is the base model (adapters off), as in training with history 'base'."
+)
+
+
+def short_help(prog: str = "sstoken-inspect") -> str:
+    """`--help`: the description, the inspect arguments, then the sstoken_ selection settings."""
+    groups = [(cls._argument_group_name, dataclass_options(cls)) for cls in (InspectArguments, SSTokenArguments)]
+    usage = f"{prog} --model MODEL --data FILE [--adapter DIR] [--output selection.html] [--sstoken_KEY VALUE ...]"
+    epilog = "The same settings may come from a YAML file of these keys: --config FILE (flags override it)."
+    return render_help(usage, DESCRIPTION, groups, epilog)
 
 
 def run_inspect(argv: list[str] | None = None) -> Path:
     """The `sstoken-inspect` command; returns the path of the HTML page."""
-    parser = TrlParser((InspectArguments, SSTokenArguments), prog="sstoken-inspect", allow_abbrev=False)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, sstoken_args = parser.parse_args_and_config(argv)
-    config = sstoken_args.to_config(recommended=args.sstoken_recommended, given=given_keys(argv))
+    if "--help" in argv or "-h" in argv:
+        print_help(short_help())
+    parser = TrlParser((InspectArguments, SSTokenArguments), prog="sstoken-inspect", allow_abbrev=False)
+    try:
+        args, sstoken_args = parser.parse_args_and_config(argv)
+    except SSTokenSettingError as err:
+        raise err.as_written(argv) from err
+    try:
+        config = sstoken_args.to_config(recommended=args.sstoken_recommended, given=given_keys(argv))
+    except ValueError as err:
+        raise SSTokenSettingError(str(err)).as_written(argv) from err
     rows = load_data(args.data)[args.split]
     if not 0 <= args.start < len(rows):
         raise ValueError(f"--start {args.start} is outside the {len(rows)} rows of split {args.split!r}.")
@@ -115,19 +147,25 @@ def run_inspect(argv: list[str] | None = None) -> Path:
     collator = SSTokenCollator(tokenizer, args.user_tag, args.assistant_tag, max_length=args.max_length)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collator(samples).items()}
-    selection = score_batch(model, batch, config)
+    selection, has_history = score_batch(model, batch, config)
     title = f"ssToken selection: {args.model}" + (f" + {args.adapter}" if args.adapter else "")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_html(selection, tokenizer, config, title=title), encoding="utf-8")
-    print(summarize(selection, tokenizer, max_samples=len(samples), heading="ssToken selection"))
-    print(f"Selection page: {output}")
+    vocab_size = fused_model(model).config.get_text_config().vocab_size
+    page = render_html(selection, tokenizer, config, title=title, vocab_size=vocab_size, history=has_history)
+    output.write_text(page, encoding="utf-8")
+    shown = dict(vocab_size=vocab_size, history=has_history, max_samples=len(samples), page=str(output))
+    print(summarize(selection, tokenizer, config, **shown, heading="ssToken selection"))
     return output
 
 
 def main(argv: list[str] | None = None) -> None:
     """sstoken-inspect: score a few samples with a model (+ adapter) and write the selection as HTML."""
-    run_inspect(argv)
+    try:
+        run_inspect(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sstoken-inspect: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """A selection as coloured tokens: a self-contained HTML page and a plain-text summary.
 
 Every response token is one of: kept, kept thanks to the attention score (kept by the combined score but not
-by REL alone), or dropped; hovering shows its REL, AttnScore and combined score. Prompt tokens are shown
-unscored. The `sstoken-inspect` command lives in `sstoken_trl.tools.inspection`.
+by REL alone), or dropped; hovering shows the signals the selection reads (REL, AttnScore, Score; a signal that is
+zero by construction for the configured selector is left out). Both name the rule in words (`describe_rule`).
+Prompt tokens are shown unscored. The `sstoken-inspect` command lives in `sstoken_trl.tools.inspection`.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import textwrap
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.integration.selective_forward import BatchSelection
+from sstoken_trl.tools.describe import Rule, describe_rule
 
 STATUSES = {
     "kept": "kept",
@@ -71,16 +74,48 @@ def _counts(tokens: list[Token]) -> dict[str, int]:
     return {status: sum(t.status == status for t in tokens) for status in STATUSES}
 
 
-def _headline(counts: dict[str, int]) -> str:
+def _headline(counts: dict[str, int], rule: Rule) -> str:
     n = counts["kept"] + counts["attention"] + counts["dropped"]
     kept = counts["kept"] + counts["attention"]
     share = f" ({100 * kept / n:.1f}%)" if n else ""
-    return f"{n} response tokens, {kept} kept{share}, {counts['attention']} of them thanks to the attention score"
+    text = f"{n} response tokens, {kept} kept{share}"
+    if "AttnScore" in rule.columns:
+        text += f", {counts['attention']} of them thanks to the attention score"
+    return text
 
 
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    """("REL", "Score") -> "REL and Score"."""
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _values(token: Token) -> dict[str, float]:
+    return {"REL": token.rel, "AttnScore": token.attn, "Score": token.score}
+
+
+def _statuses(rule: Rule) -> dict[str, str]:
+    """The statuses a token can have under `rule` (none is kept thanks to attention without an attention term)."""
+    return {s: label for s, label in STATUSES.items() if s != "attention" or "AttnScore" in rule.columns}
+
+
+def chosen_samples(rows: list[list[Token]], max_samples: int) -> list[int]:
+    """Indices (in batch order) of the samples that say most: the one with most dropped tokens, the one with most
+    tokens kept thanks to the attention score (each when there is one), then those with most of either."""
+    counts = [_counts(row) for row in rows]
+    picks: list[int] = []
+    for status in ("dropped", "attention"):
+        best = max(range(len(rows)), key=lambda i: (counts[i][status], -i), default=None)
+        if best is not None and counts[best][status] and best not in picks:
+            picks.append(best)
+    for i in sorted(range(len(rows)), key=lambda i: (-counts[i]["dropped"] - counts[i]["attention"], i)):
+        if i not in picks:
+            picks.append(i)
+    return sorted(picks[:max_samples])
 
 
 CSS = """
@@ -97,13 +132,16 @@ section { border-top: 1px solid #ddd; margin-top: 1rem; }
 """
 
 
-def _span(token: Token) -> str:
+def _span(token: Token, rule: Rule) -> str:
     attrs = f'class="tok {token.status}"'
     if token.status != "prompt":
-        title = f"REL {token.rel:+.4f} | AttnScore {token.attn:.4f} | Score {token.score:.4f}"
-        attrs += (
-            f' title="{title}" data-rel="{token.rel:.6g}" data-attn="{token.attn:.6g}" data-score="{token.score:.6g}"'
-        )
+        values = _values(token)
+        shown = [
+            f"{name} {values[name]:+.4f}" if name == "REL" else f"{name} {values[name]:.4f}" for name in rule.columns
+        ]
+        if shown:
+            attrs += f' title="{" | ".join(shown)}"'
+        attrs += f' data-rel="{token.rel:.6g}" data-attn="{token.attn:.6g}" data-score="{token.score:.6g}"'
     return f"<span {attrs}>{html.escape(token.text)}</span>"
 
 
@@ -112,25 +150,33 @@ def render_html(
     tokenizer: PreTrainedTokenizerBase,
     config: SSTokenConfig,
     title: str = "ssToken selection",
+    vocab_size: int | None = None,
+    history: bool = True,
 ) -> str:
-    """A self-contained HTML page of the selection (no scripts, no external resources)."""
+    """A self-contained HTML page of the selection (no scripts, no external resources).
+
+    `vocab_size` (the model's) is needed to state thresholds in nats (loss truncation, his_loss_clip); `history`
+    False: the selection ran without a history model."""
+    rule = describe_rule(config, vocab_size, history)
     rows = sample_tokens(selection, tokenizer)
     total = _counts([t for row in rows for t in row])
-    settings = f"rho {config.select_ratio}, gamma {config.gamma}, layer {config.attn_layer}, scope {config.scope}"
+    hover = f" Hover a response token for its {_listed(rule.columns)}." if rule.columns else ""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="summary">{len(rows)} samples, {_headline(total)}. Settings: {html.escape(settings)}.</p>',
+        f'<p class="summary">{len(rows)} samples, {_headline(total, rule)}.</p>',
+        f'<p class="rule">Selection, {html.escape(rule.name)}: {html.escape(rule.text)}</p>',
         '<p class="legend">'
-        + "".join(f'<span class="tok {s}">{html.escape(label)}</span>' for s, label in STATUSES.items())
-        + " Hover a response token for its REL, AttnScore and combined score.</p>",
+        + "".join(f'<span class="tok {s}">{html.escape(label)}</span>' for s, label in _statuses(rule).items())
+        + html.escape(hover)
+        + "</p>",
     ]
     for i, row in enumerate(rows):
-        parts.append(f'<section class="sample" id="sample-{i}"><h2>Sample {i + 1}</h2>')
-        parts.append(f"<p>{_headline(_counts(row))}.</p>")
-        parts.append('<div class="text">' + "".join(_span(t) for t in row) + "</div></section>")
+        parts.append(f'<section class="sample" id="sample-{i + 1}"><h2>Sample {i + 1}</h2>')
+        parts.append(f"<p>{_headline(_counts(row), rule)}.</p>")
+        parts.append('<div class="text">' + "".join(_span(t, rule) for t in row) + "</div></section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -138,26 +184,44 @@ def render_html(
 def summarize(
     selection: BatchSelection,
     tokenizer: PreTrainedTokenizerBase,
+    config: SSTokenConfig,
+    vocab_size: int | None = None,
+    history: bool = True,
     max_samples: int = 3,
+    page: str | None = None,
     heading: str = "ssToken selection of the last micro-batch",
 ) -> str:
-    """Plain-text summary: counts, mean scores of kept vs dropped tokens, and a few samples marked up."""
+    """Plain-text summary: counts, the rule, mean signals of kept vs dropped tokens, the samples that say most
+    marked up (`chosen_samples`), and where the rest is (`page`, the HTML page)."""
+    rule = describe_rule(config, vocab_size, history)
     rows = sample_tokens(selection, tokenizer)
     flat = [t for row in rows for t in row]
     kept = [t for t in flat if t.status in ("kept", "attention")]
     dropped = [t for t in flat if t.status == "dropped"]
-    lines = [
-        f"{heading}: {len(rows)} samples, {_headline(_counts(flat))}.",
-        f"  mean over kept | dropped tokens: REL {_mean([t.rel for t in kept]):+.4f} | "
-        f"{_mean([t.rel for t in dropped]):+.4f}, AttnScore {_mean([t.attn for t in kept]):.4f} | "
-        f"{_mean([t.attn for t in dropped]):.4f}",
-        "  kept tokens as they are, [dropped] in brackets, {kept thanks to the attention score} in braces:",
-    ]
+    lines = [f"{heading}: {len(rows)} samples, {_headline(_counts(flat), rule)}."]
+    wrap = dict(initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
+    lines += textwrap.wrap(f"Selection, {rule.name}: {rule.text}", 116, **wrap)  # paths stay whole
+    if rule.columns:
+        means = []
+        for name in rule.columns:
+            sign = "+" if name == "REL" else ""
+            pair = [_mean([_values(t)[name] for t in group]) for group in (kept, dropped)]
+            means.append(f"{name} {pair[0]:{sign}.4f} | {pair[1]:{sign}.4f}")
+        lines.append(f"  mean over kept | dropped tokens: {', '.join(means)}")
+    braces = ", {kept thanks to the attention score} in braces" if "attention" in _statuses(rule) else ""
+    lines.append(f"  kept tokens as they are, [dropped] in brackets{braces}:")
     marks = {"prompt": "{}", "kept": "{}", "attention": "{{{}}}", "dropped": "[{}]"}
-    for i, row in enumerate(rows[:max_samples]):
-        text = "".join(marks[t.status].format(t.text) for t in row).replace("\n", "\\n")
-        lines.append(f"  {i + 1}. {text}")
+    shown = chosen_samples(rows, max_samples)
+    for i in shown:
+        text = "".join(marks[t.status].format(t.text) for t in rows[i]).replace("\n", "\\n")
+        lines.append(f"  sample {i + 1}: {text}")
+    rest = len(rows) - len(shown)
+    if page is not None:
+        other = f"The other {rest} samples, and" if rest else "These samples, and"
+        lines.append(f"  {other} each token's {_listed(rule.columns) or 'status'} on hover: {page}")
+    elif rest:
+        lines.append(f"  ({rest} more samples not shown)")
     return "\n".join(lines)
 
 
-__all__ = ["STATUSES", "Token", "render_html", "sample_tokens", "summarize"]
+__all__ = ["STATUSES", "Token", "chosen_samples", "render_html", "sample_tokens", "summarize"]
