@@ -16,7 +16,7 @@ from sstoken_trl.tools.arguments import PREFIX, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-MODEL_RECIPES = [p for p in RECIPES if p.name != "demo-cpu.yaml"]
+MODEL_RECIPES = [p for p in RECIPES if not p.stem.endswith("-cpu")]  # the two CPU demos aside
 ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 # The paper's models and their rho (select ratio).
 PAPER = {
