@@ -73,8 +73,14 @@ CLIP_RANK_PROTECT = dict(his_loss_clip=1.0, rel_norm="rank", protect_response_en
 BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_threshold
     gamma=1.0, scope="batch", rel_norm="none", his_loss_clip=1.0, protect_response_end=True, select_warmup_ratio=0.5
 )
+# Loss truncation inside one run against the model being trained (no history): L_cur - H_cur > c nats.
+SELF_TRUNCATION = dict(selector="self_truncation", select_ratio=0.8, scope="batch", protect_response_end=True)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
+    "self_trunc_w0.1_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.1, surprise_nats=3.0),
+    "self_trunc_w0.25_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=3.0),
+    "self_trunc_w0.25_c2": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=2.0),
+    "self_trunc_w0.5_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.5, surprise_nats=3.0),
     "random": dict(selector="random"),
     "rho1": dict(selector="rho1", history="model"),
     "rho1_self": dict(selector="rho1", history="model"),  # reference: the "self" one (two training runs)

