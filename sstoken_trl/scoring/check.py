@@ -23,9 +23,10 @@ from sstoken_trl.scoring.layout import Layout
 
 logger = logging.getLogger(__name__)
 
-# Largest |AttnScore - eager prompt mass| accepted, by the dtype of q and k. fp32 agrees to ~1e-6; in half
-# precision the eager map is computed from half-precision logits and rounded to that precision before summing.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# Largest |AttnScore - eager prompt mass| accepted, by the dtype of q and k. The eager map is computed from logits
+# in that dtype and rounded to it; AttnScore accumulates in fp32. Measured on the 27 tested families (tiny random
+# models, right-padded, left-padded and packed rows): fp32 <= 1.2e-7, bf16 <= 2.0e-3.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sstoken_trl.adapters import TESTED_FAMILIES, attention_modules
+from sstoken_trl.adapters import TESTED_FAMILIES, attention_module, decoder_layers
 from sstoken_trl.adapters.dispatch import intercept, model_attention, record_attn_call
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.spans import IGNORE_INDEX
@@ -133,9 +133,9 @@ def hook_scoring_layer(model: nn.Module, config: SSTokenConfig, probe: bool = Tr
     scored forward proves it: under FSDP a forward of the inner model alone is not possible). A family outside
     TESTED_FAMILIES gets the on-the-spot check on its first scored micro-batch.
     """
-    modules = attention_modules(model)
-    layer = config.layer_index(len(modules))
-    hook = AttnScoreHook(modules[layer], config.attn_backend, layer)
+    layers = decoder_layers(model)
+    layer = config.layer_index(len(layers))
+    hook = AttnScoreHook(attention_module(layers[layer], layer), config.attn_backend, layer)
     if probe:
         try:
             probe_forward(model, hook)
