@@ -81,9 +81,9 @@ class AttnScoreHook:
                 return  # refused after the forward: a layer with several registry calls is not scored
             with torch.no_grad(), torch.autocast(call.query.device.type, enabled=False):
                 self._score = self.score_fn(call, layout)
-                if self.check_pending:
-                    self.check_pending = False
-                    self.check_result = check_attn_score(module, call, layout, self._score, self.layer)
+            if self.check_pending:  # the eager replay runs as the forward does, autocast included
+                self.check_pending = False
+                self.check_result = check_attn_score(module, call, layout, self._score, self.layer)
             self.last_window = call.sliding_window
 
         pass_on = None if self.always_recompute or has_active_dropout(module) else model_attention(module)

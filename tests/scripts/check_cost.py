@@ -6,7 +6,7 @@ itself. Prints the check's time, the mean step time without it, their ratio, and
 eager map the check materialises (its extra memory is that map, plus its fp32 softmax when the model is in half
 precision). CPU by default:
 
-    PYTHONPATH=$PWD python tests/scripts/check_cost.py --hidden 512 --heads 8 --layers 4 --tokens 512 --batch 4
+    PYTHONPATH=$PWD python tests/scripts/check_cost.py --hidden 512 --heads 8 --layers 4 --words 512 --batch 4
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=512, help="words per sample (about one token each)")
+    p.add_argument("--words", type=int, default=512, help="words per sample (about 2.4 tokens each)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
     args = p.parse_args()
@@ -51,8 +51,8 @@ def main() -> None:
     rng = random.Random(0)
     rows = [
         {
-            "prompt": " ".join(rng.choices(WORDS, k=args.tokens // 4)),
-            "completion": " " + " ".join(rng.choices(WORDS, k=args.tokens - args.tokens // 4)),
+            "prompt": " ".join(rng.choices(WORDS, k=args.words // 4)),
+            "completion": " " + " ".join(rng.choices(WORDS, k=args.words - args.words // 4)),
         }
         for _ in range(args.batch * args.steps)
     ]
@@ -66,7 +66,7 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=max(1, args.heads // 4),
         head_dim=args.hidden // args.heads,
-        max_position_embeddings=4 * args.tokens,
+        max_position_embeddings=4 * args.words,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -80,7 +80,7 @@ def main() -> None:
             output_dir="/tmp/sstoken-check-cost",
             max_steps=args.steps,
             per_device_train_batch_size=args.batch,
-            max_length=4 * args.tokens,
+            max_length=4 * args.words,
             learning_rate=1e-4,
             report_to=[],
             use_cpu=not torch.cuda.is_available(),
@@ -98,8 +98,8 @@ def main() -> None:
     later = steps.times[1:]  # step 1 holds the check; the later steps run without it
     step = sum(later) / len(later)
     print(
-        f"shape: hidden {args.hidden}, {args.heads} heads, {args.layers} layers, batch {args.batch}, tokens/row "
-        f"~{args.tokens}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+        f"shape: hidden {args.hidden}, {args.heads} heads, {args.layers} layers, batch {args.batch}, words/row "
+        f"{args.words}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
     print(
         f"check: {result.seconds * 1e3:.1f} ms once ({result.max_diff:.1e} max |diff|); SFT step without it: "
