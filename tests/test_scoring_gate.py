@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.adapters import TESTED_FAMILIES, attention_modules, layer_windows
+from sstoken_trl.integration.selective_forward import uses_attention
 from sstoken_trl.scoring.attn_score import attn_score_sdpa
 from sstoken_trl.scoring.hook import AttnScoreHook, hook_scoring_layer
 from sstoken_trl.scoring.layout import batch_layout
@@ -209,3 +210,21 @@ def test_tested_families_are_not_checked(tokenizer, caplog):
     hook = hook_scoring_layer(model, SSTokenConfig())
     assert not hook.check_pending and set(FAMILY_CONFIGS) == set(TESTED_FAMILIES)
     hook.remove()
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        (SSTokenConfig(), True),
+        (SSTokenConfig(gamma=0.0), True),
+        (SSTokenConfig(gamma=1.0), False),
+        (SSTokenConfig(gamma=1.0, rel_warmup_steps=2), True),  # gamma 0 during the REL warm-up reads attention
+        (SSTokenConfig(selector="full"), False),
+        (SSTokenConfig(selector="random"), False),
+        (SSTokenConfig(selector="rho1", history_model="ref"), False),
+        (SSTokenConfig.recommended(history_model="run1"), False),
+        (SSTokenConfig.recommended_one_run(), False),  # gamma 1: REL only
+    ],
+)
+def test_which_configurations_read_attention(config, expected):
+    assert uses_attention(config, max_steps=10) == expected
