@@ -106,7 +106,8 @@ def test_scoring_in_the_training_forward_leaves_its_output_and_config_alone(mode
 def test_windows_and_softcap_are_exercised():
     # The 11-token right-padded sample has a 4-token prompt: with a window of 4 its last token sees no prompt.
     inputs, labels = make_batch("right")
-    for model_type in ("mistral", "qwen2", "gemma2", "gemma3_text", "phi3", "smollm3", "gpt_oss"):
+    sliding = ("mistral", "qwen2", "gemma2", "gemma3_text", "phi3", "smollm3", "gpt_oss", "olmo3", "cohere2", "exaone4")
+    for model_type in (*sliding, "ministral", "starcoder2"):
         score, _, window = hooked(model_type, inputs, labels, 0, "sdpa")
         assert window == WINDOW and score[0, 10] == 0, model_type
     # Without its softcap, Gemma 2's attention would differ: the cap is applied, not ignored.
@@ -151,6 +152,7 @@ def test_flash_attention_2_training_forward_when_installed():
 def test_last_global_layer_per_family():
     assert last_global_layer(model("gemma3_text", "sdpa")) == 1
     assert last_global_layer(model("llama", "sdpa")) == 1
+    assert last_global_layer(model("exaone4", "sdpa")) == 1  # its layers all store a window; layer 1 ignores it
     with pytest.raises(ValueError, match="mistral.*no global layer"):
         last_global_layer(model("mistral", "sdpa"))
 
