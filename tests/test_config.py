@@ -8,7 +8,6 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.adapters import get_adapter
 from sstoken_trl.tools.tiny import build_model
 from tests.conftest import prompt_completion_rows
 
@@ -42,11 +41,6 @@ def test_layer_index():
         SSTokenConfig(attn_layer=-3).layer_index(2)
 
 
-def test_unsupported_model_type_lists_supported():
-    with pytest.raises(ValueError, match="gpt2.*llama, mistral, qwen2, qwen3"):
-        get_adapter("gpt2")
-
-
 def trainer_for(tokenizer, model, config):
     return SFTTrainer(
         model=model,
@@ -61,20 +55,4 @@ def trainer_for(tokenizer, model, config):
 def test_train_start_rejects_layer_out_of_range(tokenizer):
     trainer = trainer_for(tokenizer, build_model("llama", len(tokenizer)), SSTokenConfig(attn_layer=5))
     with pytest.raises(ValueError, match="attn_layer=5 is out of range"):
-        trainer.train()
-
-
-def test_train_start_rejects_unsupported_architecture(tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(output_dir="/tmp/sstoken-test-out", max_steps=1, report_to=[], use_cpu=True),
-        train_dataset=Dataset.from_list(prompt_completion_rows(4)),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules=["c_attn"]),
-        callbacks=[SSTokenCallback()],
-    )
-    with pytest.raises(ValueError, match="no attention adapter for model_type='gpt2'"):
         trainer.train()

@@ -12,6 +12,9 @@ from sstoken_trl import SSTokenCallback, SSTokenConfig
 from tests.conftest import cpu_sft_args, prompt_completion_rows
 from tests.families import FAMILY_CONFIGS, build_family_model
 
+# The attention projections of every family: q/k/v/o, Phi-3's qkv_proj, GPT-NeoX's query_key_value, GPT-2's c_attn.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn"]
+
 
 @pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
 def test_one_sft_step_with_sstoken(tokenizer, model_type):
@@ -21,7 +24,7 @@ def test_one_sft_step_with_sstoken(tokenizer, model_type):
         args=SFTConfig(**cpu_sft_args(max_steps=1, learning_rate=1e-3, gradient_checkpointing=True)),
         train_dataset=Dataset.from_list(prompt_completion_rows(4)),
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]),
+        peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS),
         callbacks=[callback],
     )
     result = trainer.train()

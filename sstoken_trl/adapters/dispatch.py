@@ -1,6 +1,6 @@
 """Read one attention layer's post-RoPE q and k exactly as the model computes them, for every family at once.
 
-Every supported transformers attention module ends in one call to its attention function, looked up in
+A transformers attention module that AttnScore can read ends in one call to its attention function, looked up in
 `ALL_ATTENTION_FUNCTIONS` by `config._attn_implementation`, with the layer's own q, k, scaling, sliding window,
 softcap and sinks. While the module's config is swapped for a copy naming `SCORING_ATTENTION`, that call reaches a
 recorder registered there instead, which hands the arguments to a callback and then either
@@ -51,6 +51,9 @@ def _record(module: nn.Module, query, key, value, attention_mask, **kwargs: Any)
             kwargs.get("sliding_window"),
             kwargs.get("softcap"),
             kwargs.get("s_aux"),
+            value.detach(),
+            attention_mask,
+            kwargs,
         )
     )
     if pass_on is None:
@@ -61,10 +64,15 @@ def _record(module: nn.Module, query, key, value, attention_mask, **kwargs: Any)
 AttentionInterface.register(SCORING_ATTENTION, _record)
 
 
+def eager_attention(module: nn.Module) -> AttentionFunction | None:
+    """The eager attention function of the module's modeling file (None if the file has none)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
 def model_attention(module: nn.Module) -> AttentionFunction | None:
     """The attention function the module calls as loaded: registry entry, or its file's eager function (or None)."""
     name = module.config._attn_implementation
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    eager = eager_attention(module)
     if name in (None, "eager"):
         return eager
     return ALL_ATTENTION_FUNCTIONS.get(name.removeprefix("paged|"), eager)
@@ -92,15 +100,17 @@ def intercept(module: nn.Module, on_call: OnCall, pass_on: AttentionFunction) ->
     return _route(module, on_call, pass_on)
 
 
-def record_attn_call(module: nn.Module, args: tuple, kwargs: dict[str, Any], on_call: OnCall) -> None:
+def record_attn_call(module: nn.Module, args: tuple, kwargs: dict[str, Any], on_call: OnCall) -> int:
     """Run `module.forward(*args, **kwargs)` up to its attention function and hand that call to `on_call`.
 
     Runs as the caller set grad / dropout (the hook: no_grad, dropout off). A cache in the arguments is not updated.
+    Returns the number of registry calls seen: 1, or 0 when the module computes attention some other way.
     """
-    calls: list[AttnCall] = []
+    calls = 0
 
     def record(call: AttnCall) -> None:
-        calls.append(call)
+        nonlocal calls
+        calls += 1
         on_call(call)
 
     kwargs = {name: None if name in CACHE_ARGUMENTS else value for name, value in kwargs.items()}
@@ -111,8 +121,4 @@ def record_attn_call(module: nn.Module, args: tuple, kwargs: dict[str, Any], on_
         pass
     finally:
         undo()
-    if len(calls) != 1:
-        raise RuntimeError(
-            f"{type(module).__name__} did not compute its attention through transformers' attention function "
-            f"registry (ALL_ATTENTION_FUNCTIONS); ssToken cannot read its queries and keys."
-        )
+    return calls

@@ -16,8 +16,8 @@ from transformers import Trainer, TrainerCallback
 
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistoryContext, HistorySource, build_history
-from sstoken_trl.integration.guards import check_runtime
-from sstoken_trl.integration.selective_forward import STAT_NAMES, BatchSelection, SelectiveForward
+from sstoken_trl.integration.guards import check_runtime, shards_parameters
+from sstoken_trl.integration.selective_forward import STAT_NAMES, BatchSelection, SelectiveForward, uses_attention
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import SelectionBudget
 from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, budget_ratio, uses_history
@@ -95,8 +95,10 @@ class SSTokenCallback(TrainerCallback):
         trainer = self.trainer
         check_fused_head(trainer)
         inner = fused_model(trainer.model)
-        hook = hook_scoring_layer(inner, self.config)
-        self._undo.append(hook.remove)
+        hook = None  # selectors and phases that read no attention never look at the architecture
+        if uses_attention(self.config, state.max_steps):
+            hook = hook_scoring_layer(inner, self.config, probe=not shards_parameters(trainer))
+            self._undo.append(hook.remove)
         fused_forward = inner.forward
         history = self._history(trainer, inner, fused_forward, state.global_step)
         vocab_size = inner.config.get_text_config().vocab_size

@@ -48,6 +48,12 @@ class BatchSelection:
     keep_rel: torch.Tensor  # what REL alone would keep: keep & ~keep_rel were kept thanks to the attention score
 
 
+def uses_attention(config: SSTokenConfig, max_steps: int) -> bool:
+    """Whether the selector reads AttnScore at some step: at config.gamma, or at gamma 0 during the REL warm-up."""
+    needs = get_selector(config.selector).needs_attention
+    return needs(config.gamma) or (config.rel_warmup(max_steps) > 0 and needs(0.0))
+
+
 class SelectiveForward:
     """Drop-in `forward` for the model that carries TRL's fused LM head."""
 
@@ -55,7 +61,7 @@ class SelectiveForward:
         self,
         forward: Callable[..., Any],
         config: SSTokenConfig,
-        hook: AttnScoreHook,
+        hook: AttnScoreHook | None,
         history: HistorySource | None,
         max_steps: int = 0,
         vocab_size: int = 0,

@@ -13,7 +13,8 @@ Both mask causally, within a document, real keys only, and the layer's sliding w
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ class AttnCall:
     sliding_window: int | None = None  # keys j with i - window < j <= i
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
     sinks: torch.Tensor | None = None  # (H,) one extra logit per head in the softmax denominator
+    value: torch.Tensor | None = None  # the rest of the call, to replay it through the layer's eager function
+    attention_mask: Any = field(default=None, compare=False)  # as the model built it for its implementation
+    kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def key_mask(layout: Layout, window: int | None = None) -> torch.Tensor:

@@ -5,6 +5,11 @@ layer's q and k from its call to transformers' attention registry (`adapters.dis
 makes it (passed on unchanged to the model's own attention implementation), or from a no-grad recompute when
 dropout inside the layer is active. It is armed for one forward at a time and disarms itself after firing: the
 gradient-checkpoint recompute of the layer during backward does not score again.
+
+The gate is structural: a layer is scored when its forward makes exactly one registry call. `hook_scoring_layer`
+proves it with one tiny no-grad forward at train start, and every scored forward checks it again. For a family
+outside `TESTED_FAMILIES`, the first scored micro-batch is also checked against the layer's own eager attention
+(`scoring.check`).
 """
 
 from __future__ import annotations
@@ -15,24 +20,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from sstoken_trl.adapters import attention_modules, get_adapter
+from sstoken_trl.adapters import TESTED_FAMILIES, attention_module, decoder_layers
 from sstoken_trl.adapters.dispatch import intercept, model_attention, record_attn_call
 from sstoken_trl.config import SSTokenConfig
+from sstoken_trl.data.spans import IGNORE_INDEX
 from sstoken_trl.dropout import dropout_off
 from sstoken_trl.scoring.attn_score import BACKENDS, AttnCall
-from sstoken_trl.scoring.layout import Layout
+from sstoken_trl.scoring.check import CheckResult, check_attn_score
+from sstoken_trl.scoring.layout import Layout, batch_layout
 
 
 class AttnScoreHook:
     """Computes AttnScore (B, T) at `attn_module` during the next forward after `arm`."""
 
-    def __init__(self, attn_module: nn.Module, backend: str) -> None:
+    def __init__(self, attn_module: nn.Module, backend: str, layer: int = -1) -> None:
         self.attn_module = attn_module
+        self.layer = layer  # decoder layer index, for messages
         self.score_fn = BACKENDS[backend]
         self._layout: Layout | None = None
         self._score: torch.Tensor | None = None
         self.last_window: int | None = None  # the sliding window the last scored call passed (None: global layer)
         self.always_recompute = False  # score from a recompute even when the training forward could be read
+        self.check_pending = False  # check the next score against the layer's own eager attention (once)
+        self.check_result: CheckResult | None = None
+        self._calls: int | None = None  # registry calls seen during the armed forward (None: not firing)
         self._undo: Callable[[], None] | None = None
         self._handles = [
             attn_module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
@@ -62,9 +73,17 @@ class AttnScoreHook:
             return
         layout, self._layout = self._layout, None
 
+        self._calls = 0
+
         def score(call: AttnCall) -> None:
+            self._calls += 1
+            if self._calls > 1:
+                return  # refused after the forward: a layer with several registry calls is not scored
             with torch.no_grad(), torch.autocast(call.query.device.type, enabled=False):
                 self._score = self.score_fn(call, layout)
+            if self.check_pending:  # the eager replay runs as the forward does, autocast included
+                self.check_pending = False
+                self.check_result = check_attn_score(module, call, layout, self._score, self.layer)
             self.last_window = call.sliding_window
 
         pass_on = None if self.always_recompute or has_active_dropout(module) else model_attention(module)
@@ -73,11 +92,21 @@ class AttnScoreHook:
             return
         with torch.no_grad(), dropout_off(module):
             record_attn_call(module, args, kwargs, score)
+        self._check_calls(module)
 
-    def _post_forward(self, *args: Any) -> None:
+    def _post_forward(self, module: nn.Module | None = None, args: Any = None, output: Any = None) -> None:
         if self._undo is not None:
             self._undo()
             self._undo = None
+            if output is not None:  # None: the forward raised, and that error is the one to see
+                self._check_calls(module)
+        self._calls = None
+
+    def _check_calls(self, module: nn.Module) -> None:
+        calls, self._calls = self._calls, None
+        if calls != 1:
+            self._score = None
+            raise ValueError(unscorable(module, self.layer, calls))
 
 
 def has_active_dropout(module: nn.Module) -> bool:
@@ -85,8 +114,45 @@ def has_active_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
 
 
-def hook_scoring_layer(model: nn.Module, config: SSTokenConfig) -> AttnScoreHook:
-    """Hook the attention module of decoder layer `config.attn_layer` of a causal LM (the one under PEFT)."""
-    get_adapter(model.config.model_type)  # an unsupported family stops here, naming the supported ones
-    modules = attention_modules(model)
-    return AttnScoreHook(modules[config.layer_index(len(modules))], config.attn_backend)
+def unscorable(module: nn.Module, layer: int, calls: int) -> str:
+    found = "no call" if calls == 0 else f"{calls} calls"
+    return (
+        f"ssToken cannot score decoder layer {layer} ({type(module).__name__}, model_type="
+        f"{getattr(module.config, 'model_type', '?')!r}): its forward made {found} into transformers' attention "
+        "registry (ALL_ATTENTION_FUNCTIONS), and AttnScore is read from exactly one (a layer with linear attention, "
+        "a state-space mixer, or its own attention code makes none). Pick another attn_layer whose attention goes "
+        "through the registry, or train with gamma=1 (rel_warmup 0) or a selector that uses no attention "
+        "(full, random, rho1, loss_truncation)."
+    )
+
+
+def hook_scoring_layer(model: nn.Module, config: SSTokenConfig, probe: bool = True) -> AttnScoreHook:
+    """Hook the attention module of decoder layer `config.attn_layer` of a causal LM (the one under PEFT).
+
+    With `probe`, one no-grad forward of a single 8-token row proves now that the layer can be scored (else every
+    scored forward proves it: under FSDP a forward of the inner model alone is not possible). A family outside
+    TESTED_FAMILIES gets the on-the-spot check on its first scored micro-batch.
+    """
+    layers = decoder_layers(model)
+    layer = config.layer_index(len(layers))
+    hook = AttnScoreHook(attention_module(layers[layer], layer), config.attn_backend, layer)
+    if probe:
+        try:
+            probe_forward(model, hook)
+        except BaseException:
+            hook.remove()
+            raise
+    hook.check_pending = model.config.model_type not in TESTED_FAMILIES
+    return hook
+
+
+def probe_forward(model: nn.Module, hook: AttnScoreHook, length: int = 8) -> None:
+    """Score one row of `length` tokens (the first half prompt) under no_grad; raises if the layer cannot be."""
+    device = model.get_input_embeddings().weight.device
+    input_ids = torch.zeros((1, length), dtype=torch.long, device=device)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = IGNORE_INDEX
+    hook.arm(batch_layout(labels, torch.ones_like(input_ids)))
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+    hook.take()
