@@ -7,6 +7,14 @@ parameters' dtype: in bf16 an update of (1 - alpha) * (theta - theta_his) is mos
 would leave theta_his where it started. For a history forward the EMA weights are swapped into the model, in the
 parameters' own dtype, under no_grad with dropout off, then swapped back: a pointer swap for fp32 parameters on
 the shadow's device, a cast (or a copy in and out from the CPU) otherwise.
+
+Under FSDP2 each process averages the shard of every parameter it holds (the DTensor's local tensor): theta_his
+is sharded as the parameters are and costs 1 / world size of a whole copy. Its weights are copied into those
+shards in place for a history forward (a pointer swap would leave FSDP gathering its own storage), so each
+layer's all-gather hands the layer theta_his. Checkpointing a sharded theta_his is refused at train start
+(`integration/guards.py`): only the main process writes the history state into a checkpoint. DeepSpeed is
+refused there too (ZeRO-3 keeps no whole parameter on a process; the refusal names the memory a whole copy
+would take).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sstoken_trl.dropout import dropout_off
 from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
@@ -32,6 +41,11 @@ FORMAT = "sstoken-ema/1"
 SHADOW_DTYPE = torch.float32
 
 
+def held(p: torch.Tensor) -> torch.Tensor:
+    """The values of `p` this process holds: its shard under FSDP2 (a view of FSDP's storage), else `p`."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 class EMAHistory(HistorySource):
     """EMA of the trainable weights of `model` (the trainer's model: a PeftModel or a plain model)."""
 
@@ -42,17 +56,16 @@ class EMAHistory(HistorySource):
             raise ValueError("history='ema' averages the trained weights, but the model has no trainable parameter.")
         self.alpha, self.update_steps, self.on_cpu = alpha, update_steps, on_cpu
         self.shadow = {
-            name: p.detach().to("cpu" if on_cpu else p.device, dtype=SHADOW_DTYPE, copy=True)
+            name: held(p.detach()).to("cpu" if on_cpu else p.device, dtype=SHADOW_DTYPE, copy=True)
             for name, p in self.params.items()
         }
+        self.sharded = any(isinstance(p, DTensor) for p in self.params.values())
         self.updated_at = 0  # optimizer step of the last update
 
     @classmethod
     def from_context(cls, context: HistoryContext) -> EMAHistory:
         source = context.config.history  # "ema", or "snapshot" for the subclass
         trainer = context.require_trainer(source)
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            raise ValueError(f"history={source!r} swaps whole parameters in and out; FSDP and DeepSpeed shard them.")
         history = cls.build(context.model, context.config, trainer.state.max_steps)
         folder = context.resume_folder()
         if folder is not None:
@@ -74,7 +87,7 @@ class EMAHistory(HistorySource):
             return
         for name, p in self.params.items():
             shadow = self.shadow[name]
-            shadow.lerp_(p.detach().to(shadow.device, dtype=shadow.dtype), 1.0 - self.alpha)
+            shadow.lerp_(held(p.detach()).to(shadow.device, dtype=shadow.dtype), 1.0 - self.alpha)
         self.updated_at = global_step
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
@@ -85,25 +98,25 @@ class EMAHistory(HistorySource):
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The model carries theta_his (in its own dtype) inside the block and its own weights again after it."""
-        if self.on_cpu:
-            held = {}
-            for name, p in self.params.items():
-                held[name] = p.detach().to("cpu", copy=True)
-                p.data.copy_(self.shadow[name])
+        if self.on_cpu or self.sharded:  # copied in and out, in place
+            values = {name: held(p.detach()) for name, p in self.params.items()}
+            kept = {name: v.to("cpu" if self.on_cpu else v.device, copy=True) for name, v in values.items()}
+            for name, v in values.items():
+                v.copy_(self.shadow[name])
             try:
                 yield
             finally:
-                for name, p in self.params.items():
-                    p.data.copy_(held[name])
+                for name, v in values.items():
+                    v.copy_(kept[name])
             return
-        held = {name: p.data for name, p in self.params.items()}
+        kept = {name: p.data for name, p in self.params.items()}
         for name, p in self.params.items():
             p.data = self.shadow[name].to(p.dtype)  # the shadow itself when the parameter is fp32
         try:
             yield
         finally:
             for name, p in self.params.items():
-                p.data = held[name]
+                p.data = kept[name]
 
     def save(self, folder: Path) -> None:
         """Write theta_his into a checkpoint folder (safetensors)."""
