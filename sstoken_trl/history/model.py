@@ -9,7 +9,8 @@ history forward runs on every process with the weights gathered:
   model; ZeRO-1/2: a whole copy on every process).
 A model that ZeRO-3 partitions at load (`zero3_init_flag`: transformers' `from_pretrained` runs under
 `zero.Init` once a ZeRO-3 config is registered) holds no weights of its own outside an engine, so without a
-DeepSpeed trainer it is refused before loading, with what to do. FSDP1 is refused (use FSDP2).
+DeepSpeed trainer it is refused before loading, with what to do. FSDP1 is refused at trainer build
+(integration/guards.py).
 """
 
 from __future__ import annotations
@@ -65,11 +66,6 @@ def prepare_for_engine(model: nn.Module, trainer: Trainer | None) -> nn.Module:
         return prepare_deepspeed(model, trainer.accelerator)
     if trainer is not None and trainer.is_fsdp_enabled:
         plugin = trainer.accelerator.state.fsdp_plugin
-        if plugin.fsdp_version != 2:
-            raise ValueError(
-                "history='model' under FSDP1 is not supported: use FSDP2 (fsdp_version: 2 in the accelerate "
-                "config, as recipes/accelerate/fsdp-8gpu.yaml sets), which shards the history model per layer."
-            )
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         mesh = getattr(trainer.accelerator, "torch_device_mesh", None)
