@@ -26,7 +26,8 @@ CASES = [f"{h}, gamma {g}, {layout}" for h in HISTORIES for g in (0.0, 0.5, 1.0)
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp") / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launch, str(SCRIPT), str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(f"{out}-rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -49,9 +50,7 @@ def test_sharded_selection_loss_and_grads_equal_one_process(ranks, case):
         got = sharded[key]
         assert got["kept"] == ref["kept"], key
         torch.testing.assert_close(torch.tensor(got["rel"]), torch.tensor(ref["rel"]), atol=1e-9, rtol=0)
-        torch.testing.assert_close(
-            torch.tensor(got["attn_score"]), torch.tensor(ref["attn_score"]), atol=1e-6, rtol=0
-        )
+        torch.testing.assert_close(torch.tensor(got["attn_score"]), torch.tensor(ref["attn_score"]), atol=1e-6, rtol=0)
     # Something was dropped, and the signals the case uses are not trivially zero.
     n_kept = sum(len(s["kept"]) for s in whole["samples"].values())
     n_targets = sum(len(s["rel"]) for s in whole["samples"].values())

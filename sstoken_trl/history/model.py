@@ -69,9 +69,10 @@ def prepare_for_engine(model: nn.Module, trainer: Trainer | None) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         mesh = getattr(trainer.accelerator, "torch_device_mesh", None)
+        dims = getattr(trainer.accelerator.parallelism_config, "fsdp_dim_names", None)
         return shard_fsdp2(
             model.to(trainer.accelerator.device),
-            mesh=mesh[tuple(trainer.accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
+            mesh=mesh[tuple(dims)] if mesh is not None and dims else None,  # None: every process
             reshard_after_forward=plugin.reshard_after_forward,
             offload_policy=plugin.cpu_offload,
             mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),

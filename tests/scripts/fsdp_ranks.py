@@ -151,7 +151,11 @@ def run_case(driven: Driven, batch: dict[str, Any], world: int) -> dict[str, Any
     total = loss.detach().clone()
     if world > 1:
         dist.all_reduce(total)
-    return {"samples": per_sample(driven.selective.last), "loss": float(total) / world, "grads": lora_grads(driven.model)}
+    return {
+        "samples": per_sample(driven.selective.last),
+        "loss": float(total) / world,
+        "grads": lora_grads(driven.model),
+    }
 
 
 def watch_gathering(hook: Any, record: list) -> None:
@@ -208,7 +212,9 @@ def main(out: str) -> None:
                 one = run_case(ref, collate(rows, layout, config), 1)
                 part = run_case(shd, collate(mine, layout, config), world)
                 results["cases"][f"{history}, gamma {gamma}, {layout}"] = {
-                    "whole": one, "sharded": part, "gathered": gathered[before:]
+                    "whole": one,
+                    "sharded": part,
+                    "gathered": gathered[before:],
                 }
     torch.save(results, f"{out}-rank{rank}.pt")
     dist.barrier()
