@@ -81,3 +81,9 @@ def test_the_score_ran_on_gathered_weights(ranks, case):
 
 def test_the_history_model_was_sharded(ranks):
     assert all(rank["history_model_sharded"] for rank in ranks)
+
+
+def test_an_ema_of_weights_gathered_with_the_root_is_refused(ranks):
+    for rank in ranks:
+        message = rank["root_weights_refusal"]
+        assert "embed_tokens" in message and "gathered with the root module" in message, message

@@ -11,10 +11,12 @@ the shadow's device, a cast (or a copy in and out from the CPU) otherwise.
 Under FSDP2 each process averages the shard of every parameter it holds (the DTensor's local tensor): theta_his
 is sharded as the parameters are and costs 1 / world size of a whole copy. Its weights are copied into those
 shards in place for a history forward (a pointer swap would leave FSDP gathering its own storage), so each
-layer's all-gather hands the layer theta_his. Checkpointing a sharded theta_his is refused at train start
-(`integration/guards.py`): only the main process writes the history state into a checkpoint. DeepSpeed is
-refused there too (ZeRO-3 keeps no whole parameter on a process; the refusal names the memory a whole copy
-would take).
+layer's all-gather hands the layer theta_his. That needs every trained weight inside a module sharded on its own
+(a decoder layer): the root module's weights are gathered once for the whole forward, before the swap, so a
+trained weight there (modules_to_save, LoRA on the embeddings) is refused. Checkpointing a sharded theta_his is
+refused at train start (`integration/guards.py`): only the main process writes the history state into a
+checkpoint. DeepSpeed is refused there too (ZeRO-3 keeps no whole parameter on a process; the refusal names the
+memory a whole copy would take).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from sstoken_trl.dropout import dropout_off
@@ -46,6 +49,12 @@ def held(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
+def gathered_with_root(model: nn.Module) -> list[str]:
+    """Trainable parameters that FSDP2 gathers with the root module: no fully_shard-ed submodule holds them."""
+    units = [name + "." for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
+    return [n for n, p in model.named_parameters() if p.requires_grad and not any(map(n.startswith, units))]
+
+
 class EMAHistory(HistorySource):
     """EMA of the trainable weights of `model` (the trainer's model: a PeftModel or a plain model)."""
 
@@ -60,6 +69,14 @@ class EMAHistory(HistorySource):
             for name, p in self.params.items()
         }
         self.sharded = any(isinstance(p, DTensor) for p in self.params.values())
+        outside = gathered_with_root(model) if self.sharded else []
+        if outside:
+            raise ValueError(
+                f"The averaged history (ema / snapshot) under FSDP2 needs every trained weight inside a module sharded "
+                f"on its own (a decoder layer), but {', '.join(outside[:3])} are gathered with the root module for "
+                "the whole forward, so the averaged weights cannot be swapped in for the history forward. Train "
+                "without modules_to_save and without LoRA outside the decoder layers, or use history='base'."
+            )
         self.updated_at = 0  # optimizer step of the last update
 
     @classmethod

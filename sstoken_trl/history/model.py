@@ -65,9 +65,9 @@ def prepare_for_engine(model: nn.Module, trainer: Trainer | None) -> nn.Module:
 
         return prepare_deepspeed(model, trainer.accelerator)
     if trainer is not None and trainer.is_fsdp_enabled:
-        plugin = trainer.accelerator.state.fsdp_plugin
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
+        plugin = trainer.accelerator.state.fsdp_plugin
         mesh = getattr(trainer.accelerator, "torch_device_mesh", None)
         dims = getattr(trainer.accelerator.parallelism_config, "fsdp_dim_names", None)
         return shard_fsdp2(

@@ -170,6 +170,21 @@ def watch_gathering(hook: Any, record: list) -> None:
     hook.score_fn = watched
 
 
+def ema_with_trained_root_weights(vocab: int, mesh: Any) -> str:
+    """The refusal of an EMA whose trained weights include one FSDP gathers with the root (the embeddings)."""
+    model = build_model("llama", vocab, seed=0).to(DTYPE)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+    model = get_peft_model(model, lora)
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        EMAHistory(model, alpha=0.9, update_steps=1)
+    except ValueError as err:
+        return str(err)
+    return "not refused"
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -216,6 +231,7 @@ def main(out: str) -> None:
                     "sharded": part,
                     "gathered": gathered[before:],
                 }
+    results["root_weights_refusal"] = ema_with_trained_root_weights(vocab, mesh)
     torch.save(results, f"{out}-rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
