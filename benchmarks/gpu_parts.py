@@ -42,10 +42,12 @@ PACKED = "padding-free (packing)"
 SHARDED = "sharded (accelerate, 1 process)"
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "llama-3.2-3b.yaml"
-ENGINES = {  # case -> (shipped accelerate config, the module the engine needs)
-    "FSDP2": (ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml", "torch"),
-    "DeepSpeed ZeRO-3": (ROOT / "recipes" / "accelerate" / "deepspeed-zero3-8gpu.yaml", "deepspeed"),
+ENGINES = {  # case -> (shipped accelerate config, the module the engine needs, run 1 in a launch of its own)
+    "FSDP2": (ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml", "torch", False),
+    # accelerate allows one DeepSpeed Accelerator per process: run 1 first, as the README's known limit says
+    "DeepSpeed ZeRO-3": (ROOT / "recipes" / "accelerate" / "deepspeed-zero3-8gpu.yaml", "deepspeed", True),
 }
+RUN_1 = ["--sstoken_recommended", "false", "--sstoken_selector", "full"]  # plain SFT, as sstoken-train's run 1
 SHARDED_TOLERANCE = 1e-3  # fp32 on both sides: only the order of reductions differs
 ROW_FIELDS = ("part", "case", "status", "step_s", "time_ratio", "peak_bytes", "peak_ratio", "detail")
 
@@ -292,7 +294,7 @@ def sharded_record(flags: list[str]) -> dict[str, Any]:
 
     trainer = train(parse_recipe(flags))
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SSTokenCallback))
-    s, history = callback.last_selection, callback.history
+    s, model = callback.last_selection, getattr(callback.history, "model", None)  # None: no history model
     logs = [
         {k: v for k, v in log.items() if k == "loss" or k.startswith("sstoken/")}
         for log in trainer.state.log_history if "sstoken/selected_fraction" in log
@@ -300,8 +302,8 @@ def sharded_record(flags: list[str]) -> dict[str, Any]:
     return {
         "distributed_type": str(trainer.accelerator.distributed_type),
         "trained_sharded": any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in trainer.model.parameters()),
-        "history": type(history.model).__name__,
-        "history_sharded": isinstance(history.model, FSDPModule) or type(history.model).__name__ == "DeepSpeedEngine",
+        "history": type(model).__name__,
+        "history_sharded": isinstance(model, FSDPModule) or type(model).__name__ == "DeepSpeedEngine",
         "logs": logs,
         "keep": s.keep[s.response].tolist(),
         "rel": s.rel[s.response].tolist(),
@@ -368,16 +370,18 @@ def sharded(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
         folder = Path(tmp)
         flags = sharded_flags(sizes, device, folder)
         plain = sharded_record([*flags, "--output_dir", str(folder / "plain")])  # this process, no engine
-        for case, (config, module) in ENGINES.items():
+        for case, (config, module, run_1_apart) in ENGINES.items():
             if importlib.util.find_spec(module) is None:
                 rows.append(row(SHARDED, case, "not installed", f"{module} is not installed (pip install {module})"))
                 continue
             launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
             launcher += ["--num_processes", "1", "--mixed_precision", "no"]
 
-            def run(case: str = case, launcher: list[str] = launcher) -> dict[str, Any]:
+            def run(case: str = case, launcher: list[str] = launcher, run_1_apart: bool = run_1_apart) -> dict:
                 t0 = time.monotonic()
                 out = folder / case.replace(" ", "_")
+                if run_1_apart:
+                    launch_worker(launcher, [*flags, *RUN_1, "--output_dir", str(out / "reference")], out / "reference")
                 record = launch_worker(launcher, [*flags, "--output_dir", str(out)], out)
                 return compare_sharded(case, plain, record, time.monotonic() - t0)
 
