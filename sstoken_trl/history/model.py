@@ -69,7 +69,7 @@ def prepare_for_engine(model: nn.Module, trainer: Trainer | None) -> nn.Module:
 
         plugin = trainer.accelerator.state.fsdp_plugin
         mesh = getattr(trainer.accelerator, "torch_device_mesh", None)
-        dims = getattr(trainer.accelerator.parallelism_config, "fsdp_dim_names", None)
+        dims = getattr(getattr(trainer.accelerator, "parallelism_config", None), "fsdp_dim_names", None)
         return shard_fsdp2(
             model.to(trainer.accelerator.device),
             mesh=mesh[tuple(dims)] if mesh is not None and dims else None,  # None: every process
