@@ -11,7 +11,10 @@ Parts, in order (each prints its rows as soon as it finishes; one that fails bec
    output_attentions on right-padded, left-padded and packed rows; which SDPA kernels the score ran.
 3. QLoRA: 4-bit NF4 LLaMA-3.2-1B shape, plain QLoRA against ssToken with the 4-bit base as history.
 4. padding-free packed batches: SDPA, and flash_attention_2 when flash-attn imports.
-5. step cost with gradient checkpointing off (sft, online, cached), and on against off.
+5. sharded: the recipe path (sstoken-train, recommended selection, run 1 then run 2, fp32) alone and under
+   `accelerate launch` with the shipped FSDP2 config on one process, then the ZeRO-3 config when deepspeed
+   imports; the logged statistics, the last batch's selection and the saved adapter must match.
+6. step cost with gradient checkpointing off (sft, online, cached), and on against off.
 A time guard skips the parts that no longer fit, and stops the command (exit 124) at --time-limit, leaving
 the rows done so far in the JSON, which is rewritten after every part.
 """
@@ -42,17 +45,19 @@ GPU = Sizes(
     shape=SHAPES["llama-8b"], small_shape=SHAPES["llama-1b"], batch=4, seq_len=2048, prompt_len=512, lora_r=64,
     steps=4, warmup=1, attention=dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
     parity_tolerance=2e-2,
+    sharded_model=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=False),
 )  # fmt: skip
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)  # fmt: skip
 DRY = Sizes(
     shape={"model": TINY_MODEL}, small_shape={"model": TINY_MODEL}, batch=2, seq_len=48, prompt_len=16, lora_r=4,
     steps=1, warmup=1, attention=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    parity_tolerance=1e-4,
+    parity_tolerance=1e-4, sharded_model=TINY_MODEL,
 )  # fmt: skip
 # Seconds allowed per part on an H200, estimated from the anchor figures (not yet measured): a part starts only
 # if it fits in the time left.
-BUDGET = {"step cost": 150, "score parity": 40, "qlora": 90, "padding-free": 60, "checkpointing off": 90}
+BUDGET = {"step cost": 150, "score parity": 40, "qlora": 90, "padding-free": 60, "sharded": 90, "checkpointing off": 90}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("score parity", parity),
         ("qlora", lambda: gpu_parts.qlora(sizes, device)),
         ("padding-free", padding_free),
+        ("sharded", lambda: gpu_parts.sharded(sizes, device)),
         ("checkpointing off", checkpointing),
     ]
     for name, fn in parts:

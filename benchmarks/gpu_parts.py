@@ -1,15 +1,23 @@
-"""The trained parts of the GPU acceptance check: step cost, QLoRA, padding-free with FlashAttention-2.
+"""The trained parts of the GPU acceptance check: step cost, QLoRA, padding-free with FlashAttention-2, sharded.
 
 Step cost and QLoRA reuse the step-cost benchmark's alternation (benchmarks/alternate.py, variants.py): the
 variants take real SFTTrainer steps in turn on one shared LoRA model. Padding-free runs are one SFTTrainer each,
-timed step by step.
+timed step by step. The sharded part runs the recipe path (`sstoken-train` on a shipped recipe, recommended
+selection: run 1 then run 2 against it) in a fresh process, once alone and once under `accelerate launch` with
+each shipped multi-GPU config on one process (FSDP2 still shards, gathers and reshards at world size 1), and
+compares what they logged, selected and saved: `python -m benchmarks.gpu_parts sharded-worker OUT FLAGS...` is
+that process.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -31,6 +39,16 @@ from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.tools.tiny import build_tokenizer
 
 PACKED = "padding-free (packing)"
+SHARDED = "sharded (accelerate, 1 process)"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "llama-3.2-3b.yaml"
+ENGINES = {  # case -> (shipped accelerate config, the module the engine needs, run 1 in a launch of its own)
+    "FSDP2": (ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml", "torch", False),
+    # accelerate allows one DeepSpeed Accelerator per process: run 1 first, as the README's known limit says
+    "DeepSpeed ZeRO-3": (ROOT / "recipes" / "accelerate" / "deepspeed-zero3-8gpu.yaml", "deepspeed", True),
+}
+RUN_1 = ["--sstoken_recommended", "false", "--sstoken_selector", "full"]  # plain SFT, as sstoken-train's run 1
+SHARDED_TOLERANCE = 1e-3  # fp32 on both sides: only the order of reductions differs
 ROW_FIELDS = ("part", "case", "status", "step_s", "time_ratio", "peak_bytes", "peak_ratio", "detail")
 
 
@@ -69,6 +87,7 @@ class Sizes:
     warmup: int
     attention: dict[str, int]  # attention shape of the score-parity model
     parity_tolerance: float
+    sharded_model: dict[str, int]  # LLaMA shape of the sharded part (its vocabulary is the tokenizer's)
 
 
 def tokenizer() -> Any:
@@ -235,3 +254,141 @@ def padding_free(sizes: Sizes, device: torch.device, attn_implementation: str, g
     detail = f"{len(timed)} steps of {sizes.batch} packed rows x {sizes.seq_len}; selected fraction {fraction:.3f}"
     return row(part, case, "ok", detail, step_s=statistics.median(timed), peak_bytes=max(timer.peaks),
                selected_fraction=fraction)  # fmt: skip
+
+
+def sharded_flags(sizes: Sizes, device: torch.device, folder: Path) -> list[str]:
+    """`sstoken-train` flags over the shipped recipe: a saved random LLaMA, random prompt/completion data, fp32, a
+    few steps; LoRA dropout 0 so that both runs draw nothing at random."""
+    tok = tokenizer()
+    config = AutoConfig.for_model("llama", **{**LLAMA, **sizes.sharded_model, "vocab_size": len(tok)})
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "base")
+    tok.save_pretrained(folder / "base")
+    g = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def text(n: int) -> str:
+        return "".join(letters[i] for i in torch.randint(0, 26, (n,), generator=g).tolist())
+
+    rows = [{"prompt": text(sizes.seq_len // 5), "completion": " " + text(sizes.seq_len // 2)}
+            for _ in range(sizes.steps * sizes.batch)]  # fmt: skip
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [
+        "--config", str(RECIPE), "--model_name_or_path", str(folder / "base"),
+        "--dataset_name", str(folder / "train.jsonl"), "--dtype", "float32", "--bf16", "false",
+        "--max_steps", str(sizes.steps), "--per_device_train_batch_size", str(sizes.batch),
+        "--gradient_accumulation_steps", "1", "--max_length", str(sizes.seq_len), "--logging_steps", "1",
+        "--lora_r", str(sizes.lora_r), "--lora_dropout", "0.0", "--use_cpu", str(device.type == "cpu").lower(),
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def sharded_record(flags: list[str]) -> dict[str, Any]:
+    """Train the recipe with `flags` (under whatever launcher started this process): what to compare."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from sstoken_trl.tools.arguments import parse_recipe
+    from sstoken_trl.tools.cli import train
+
+    trainer = train(parse_recipe(flags))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SSTokenCallback))
+    s, model = callback.last_selection, getattr(callback.history, "model", None)  # None: no history model
+    logs = [
+        {k: v for k, v in log.items() if k == "loss" or k.startswith("sstoken/")}
+        for log in trainer.state.log_history if "sstoken/selected_fraction" in log
+    ]  # fmt: skip
+    return {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "trained_sharded": any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in trainer.model.parameters()),
+        "history": type(model).__name__,
+        "history_sharded": isinstance(model, FSDPModule) or type(model).__name__ == "DeepSpeedEngine",
+        "logs": logs,
+        "keep": s.keep[s.response].tolist(),
+        "rel": s.rel[s.response].tolist(),
+        "attn_score": s.attn_score[s.response].tolist(),
+        "adapter": str(Path(trainer.args.output_dir) / "adapter_model.safetensors"),
+    }
+
+
+def launch_worker(launcher: list[str], flags: list[str], folder: Path) -> dict[str, Any]:
+    """sharded_record in a fresh process under `launcher` (`accelerate launch ...`)."""
+    out = folder / "record.json"
+    cmd = [*launcher, "-m", "benchmarks.gpu_parts", "sharded-worker", str(out), *flags]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+        raise RuntimeError(f"exit {done.returncode}: {(errors or ['no error line'])[-1].strip()[:400]}")
+    return json.loads(out.read_text())
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def compare_sharded(case: str, plain: dict[str, Any], sharded: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One row: the sharded run against the plain one (logged statistics, last batch's selection, saved adapter)."""
+    from safetensors.torch import load_file
+
+    keys = sorted(plain["logs"][0]) if plain["logs"] else []
+    log_diff = max(
+        (abs(a[k] - b[k]) / max(abs(a[k]), 1e-6) for a, b in zip(plain["logs"], sharded["logs"], strict=True)
+         for k in keys), default=0.0,
+    )  # fmt: skip
+    agree = sum(x == y for x, y in zip(plain["keep"], sharded["keep"], strict=True)) / max(len(plain["keep"]), 1)
+    ref, got = load_file(plain["adapter"]), load_file(sharded["adapter"])
+    adapter_diff = max(float((ref[n] - got[n]).abs().max()) for n in ref) if ref.keys() == got.keys() else None
+    metrics = dict(
+        distributed_type=sharded["distributed_type"], log_rel_diff=log_diff, keep_agreement=agree,
+        rel_max_diff=_max_diff(plain["rel"], sharded["rel"]),
+        attn_score_max_diff=_max_diff(plain["attn_score"], sharded["attn_score"]), adapter_max_diff=adapter_diff,
+        trained_sharded=sharded["trained_sharded"], history=sharded["history"],
+        history_sharded=sharded["history_sharded"], steps=len(sharded["logs"]),
+    )  # fmt: skip
+    detail = (
+        f"{sharded['distributed_type']}, {len(sharded['logs'])} steps of run 2 (run 1 trained the same way); "
+        f"logged stats rel. diff {log_diff:.1e}, last batch kept-token agreement {agree:.4f}, REL max diff "
+        f"{metrics['rel_max_diff']:.1e}, AttnScore {metrics['attn_score_max_diff']:.1e}, adapter max diff "
+        f"{adapter_diff if adapter_diff is None else format(adapter_diff, '.1e')}; history model "
+        f"{sharded['history']}, sharded {sharded['history_sharded']}"
+    )
+    engaged = sharded["trained_sharded"] and sharded["history_sharded"]
+    if not engaged:
+        return row(SHARDED, case, "not sharded", f"the engine did not shard here: {detail}", **metrics)
+    tol = SHARDED_TOLERANCE
+    same = (len(plain["logs"]) == len(sharded["logs"]) and log_diff <= tol and agree >= 1 - tol
+            and adapter_diff is not None and adapter_diff <= tol)  # fmt: skip
+    return row(SHARDED, case, "ok" if same else "fail", detail, step_s=seconds, **metrics)
+
+
+def sharded(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    """The recipe path alone, then under each shipped accelerate config on one process; one row per engine."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sstoken-sharded-") as tmp:
+        folder = Path(tmp)
+        flags = sharded_flags(sizes, device, folder)
+        plain = sharded_record([*flags, "--output_dir", str(folder / "plain")])  # this process, no engine
+        for case, (config, module, run_1_apart) in ENGINES.items():
+            if importlib.util.find_spec(module) is None:
+                rows.append(row(SHARDED, case, "not installed", f"{module} is not installed (pip install {module})"))
+                continue
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+            launcher += ["--num_processes", "1", "--mixed_precision", "no"]
+
+            def run(case: str = case, launcher: list[str] = launcher, run_1_apart: bool = run_1_apart) -> dict:
+                t0 = time.monotonic()
+                out = folder / case.replace(" ", "_")
+                if run_1_apart:
+                    launch_worker(launcher, [*flags, *RUN_1, "--output_dir", str(out / "reference")], out / "reference")
+                record = launch_worker(launcher, [*flags, "--output_dir", str(out)], out)
+                return compare_sharded(case, plain, record, time.monotonic() - t0)
+
+            rows.append(guarded(SHARDED, case, run))
+    return rows
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sharded-worker"]:
+    record = sharded_record(sys.argv[3:])
+    Path(sys.argv[2]).write_text(json.dumps(record))  # one process: world size 1 under every launcher here

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_check
-from benchmarks.gpu_parts import ROW_FIELDS, guarded
+from benchmarks.gpu_parts import ROW_FIELDS, SHARDED, compare_sharded, guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["sft", "online", "cached"]
@@ -27,6 +27,7 @@ EXPECTED = (
     + [("score parity", "sdpa kernel of the score")]
     + [("qlora", "plain QLoRA"), ("qlora", "ssToken, history = 4-bit base")]
     + [("padding-free (packing)", "sdpa"), ("padding-free (packing)", "flash_attention_2")]
+    + [("sharded (accelerate, 1 process)", engine) for engine in ("FSDP2", "DeepSpeed ZeRO-3")]
     + [("step cost, checkpointing off", v) for v in VARIANTS]
     + [("gradient checkpointing", v) for v in VARIANTS]
 )  # fmt: skip
@@ -48,8 +49,9 @@ def test_dry_run_reports_every_part(tmp_path):
     flash = by_case[("padding-free (packing)", "flash_attention_2")]
     assert flash["status"] == ("ok" if importlib.util.find_spec("flash_attn") else "not installed")
     measured = [
-        r for r in rows if r["part"] != "score parity" and not r["part"].startswith("targets") and r is not flash
-    ]
+        r for r in rows if r["part"] not in ("score parity", SHARDED) and not r["part"].startswith("targets")
+        and r is not flash
+    ]  # fmt: skip
     for r in measured:  # every trained case ran and was timed, and every parity and kernel check passed
         assert r["status"] == "ok", r
         assert r["step_s"] > 0 and r["peak_bytes"] > 0, r
@@ -63,6 +65,49 @@ def test_dry_run_reports_every_part(tmp_path):
     assert kernel["kernels"] and all("scaled_dot_product" in k for k in kernel["kernels"])
     assert kernel["support"]["math"] == "ok"
     assert 0.5 < by_case[("padding-free (packing)", "sdpa")]["selected_fraction"] < 0.8
+    check_sharded_rows(by_case)
+
+
+def check_sharded_rows(by_case: dict) -> None:
+    """On CPU accelerate does not engage FSDP (nor, where deepspeed imports, ZeRO-3): the launched recipe run is
+    reported as not sharded, and still compared with the run without a launcher, which it must equal."""
+    fsdp = by_case[(SHARDED, "FSDP2")]
+    assert fsdp["status"] == "not sharded", fsdp
+    assert fsdp["distributed_type"] in ("DistributedType.NO", "DistributedType.MULTI_CPU")
+    assert not fsdp["trained_sharded"] and not fsdp["history_sharded"] and fsdp["history"] == "LlamaForCausalLM"
+    assert fsdp["steps"] == gpu_check.DRY.steps and fsdp["keep_agreement"] == 1.0
+    assert fsdp["log_rel_diff"] == 0.0 and fsdp["adapter_max_diff"] == 0.0
+    zero3 = by_case[(SHARDED, "DeepSpeed ZeRO-3")]
+    if importlib.util.find_spec("deepspeed") is None:
+        assert zero3["status"] == "not installed", zero3
+    else:  # DeepSpeed engages on CPU too: partitioned training and a history-model engine, equal to the plain run
+        assert zero3["status"] == "ok" and zero3["distributed_type"] == "DistributedType.DEEPSPEED", zero3
+
+
+def test_a_sharded_run_that_differs_fails_and_one_that_matches_passes(tmp_path):
+    from safetensors.torch import save_file
+
+    adapters = {}
+    for name, value in (("plain", 1.0), ("same", 1.0 + 1e-6), ("other", 1.5)):
+        adapters[name] = str(tmp_path / f"{name}.safetensors")
+        save_file({"lora_A": torch.full((2, 2), value)}, adapters[name])
+
+    def record(adapter: str, keep: list[bool], loss: float, sharded: bool = True) -> dict:
+        logs = [{"loss": loss, "sstoken/selected_fraction": sum(keep) / len(keep)}]
+        return {"distributed_type": "DistributedType.FSDP", "trained_sharded": sharded, "history_sharded": sharded,
+                "history": "FSDPLlamaForCausalLM", "logs": logs, "keep": keep, "rel": [0.0] * len(keep),
+                "attn_score": [0.0] * len(keep), "adapter": adapter}  # fmt: skip
+
+    plain = record(adapters["plain"], [True, False, True, True], 2.0)
+    assert compare_sharded("FSDP2", plain, record(adapters["same"], plain["keep"], 2.0), 1.0)["status"] == "ok"
+    for other in (
+        record(adapters["other"], plain["keep"], 2.0),  # trained to other weights
+        record(adapters["same"], [True, True, False, True], 2.0),  # other tokens kept
+        record(adapters["same"], plain["keep"], 2.1),  # other loss
+    ):
+        assert compare_sharded("FSDP2", plain, other, 1.0)["status"] == "fail"
+    unsharded = record(adapters["same"], plain["keep"], 2.0, sharded=False)
+    assert compare_sharded("FSDP2", plain, unsharded, 1.0)["status"] == "not sharded"
 
 
 def test_a_failing_part_becomes_an_error_row_and_a_late_part_is_skipped(tmp_path):

@@ -7,6 +7,16 @@ parameters' dtype: in bf16 an update of (1 - alpha) * (theta - theta_his) is mos
 would leave theta_his where it started. For a history forward the EMA weights are swapped into the model, in the
 parameters' own dtype, under no_grad with dropout off, then swapped back: a pointer swap for fp32 parameters on
 the shadow's device, a cast (or a copy in and out from the CPU) otherwise.
+
+Under FSDP2 each process averages the shard of every parameter it holds (the DTensor's local tensor): theta_his
+is sharded as the parameters are and costs 1 / world size of a whole copy. Its weights are copied into those
+shards in place for a history forward (a pointer swap would leave FSDP gathering its own storage), so each
+layer's all-gather hands the layer theta_his. That needs every trained weight inside a module sharded on its own
+(a decoder layer): the root module's weights are gathered once for the whole forward, before the swap, so a
+trained weight there (modules_to_save, LoRA on the embeddings) is refused. Checkpointing a sharded theta_his is
+refused at train start (`integration/guards.py`): only the main process writes the history state into a
+checkpoint. DeepSpeed is refused there too (ZeRO-3 keeps no whole parameter on a process; the refusal names the
+memory a whole copy would take).
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from sstoken_trl.dropout import dropout_off
 from sstoken_trl.history.source import Forward, HistoryContext, HistorySource
@@ -32,6 +44,17 @@ FORMAT = "sstoken-ema/1"
 SHADOW_DTYPE = torch.float32
 
 
+def held(p: torch.Tensor) -> torch.Tensor:
+    """The values of `p` this process holds: its shard under FSDP2 (a view of FSDP's storage), else `p`."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def gathered_with_root(model: nn.Module) -> list[str]:
+    """Trainable parameters that FSDP2 gathers with the root module: no fully_shard-ed submodule holds them."""
+    units = [name + "." for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
+    return [n for n, p in model.named_parameters() if p.requires_grad and not any(map(n.startswith, units))]
+
+
 class EMAHistory(HistorySource):
     """EMA of the trainable weights of `model` (the trainer's model: a PeftModel or a plain model)."""
 
@@ -42,17 +65,24 @@ class EMAHistory(HistorySource):
             raise ValueError("history='ema' averages the trained weights, but the model has no trainable parameter.")
         self.alpha, self.update_steps, self.on_cpu = alpha, update_steps, on_cpu
         self.shadow = {
-            name: p.detach().to("cpu" if on_cpu else p.device, dtype=SHADOW_DTYPE, copy=True)
+            name: held(p.detach()).to("cpu" if on_cpu else p.device, dtype=SHADOW_DTYPE, copy=True)
             for name, p in self.params.items()
         }
+        self.sharded = any(isinstance(p, DTensor) for p in self.params.values())
+        outside = gathered_with_root(model) if self.sharded else []
+        if outside:
+            raise ValueError(
+                f"The averaged history (ema / snapshot) under FSDP2 needs every trained weight inside a module sharded "
+                f"on its own (a decoder layer), but {', '.join(outside[:3])} are gathered with the root module for "
+                "the whole forward, so the averaged weights cannot be swapped in for the history forward. Train "
+                "without modules_to_save and without LoRA outside the decoder layers, or use history='base'."
+            )
         self.updated_at = 0  # optimizer step of the last update
 
     @classmethod
     def from_context(cls, context: HistoryContext) -> EMAHistory:
         source = context.config.history  # "ema", or "snapshot" for the subclass
         trainer = context.require_trainer(source)
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            raise ValueError(f"history={source!r} swaps whole parameters in and out; FSDP and DeepSpeed shard them.")
         history = cls.build(context.model, context.config, trainer.state.max_steps)
         folder = context.resume_folder()
         if folder is not None:
@@ -74,7 +104,7 @@ class EMAHistory(HistorySource):
             return
         for name, p in self.params.items():
             shadow = self.shadow[name]
-            shadow.lerp_(p.detach().to(shadow.device, dtype=shadow.dtype), 1.0 - self.alpha)
+            shadow.lerp_(held(p.detach()).to(shadow.device, dtype=shadow.dtype), 1.0 - self.alpha)
         self.updated_at = global_step
 
     def log_probs(self, forward: Forward, inputs: dict[str, Any]) -> torch.Tensor:
@@ -85,25 +115,25 @@ class EMAHistory(HistorySource):
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The model carries theta_his (in its own dtype) inside the block and its own weights again after it."""
-        if self.on_cpu:
-            held = {}
-            for name, p in self.params.items():
-                held[name] = p.detach().to("cpu", copy=True)
-                p.data.copy_(self.shadow[name])
+        if self.on_cpu or self.sharded:  # copied in and out, in place
+            values = {name: held(p.detach()) for name, p in self.params.items()}
+            kept = {name: v.to("cpu" if self.on_cpu else v.device, copy=True) for name, v in values.items()}
+            for name, v in values.items():
+                v.copy_(self.shadow[name])
             try:
                 yield
             finally:
-                for name, p in self.params.items():
-                    p.data.copy_(held[name])
+                for name, v in values.items():
+                    v.copy_(kept[name])
             return
-        held = {name: p.data for name, p in self.params.items()}
+        kept = {name: p.data for name, p in self.params.items()}
         for name, p in self.params.items():
             p.data = self.shadow[name].to(p.dtype)  # the shadow itself when the parameter is fp32
         try:
             yield
         finally:
             for name, p in self.params.items():
-                p.data = held[name]
+                p.data = kept[name]
 
     def save(self, folder: Path) -> None:
         """Write theta_his into a checkpoint folder (safetensors)."""
