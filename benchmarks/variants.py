@@ -78,7 +78,8 @@ class Instruments(TrainerCallback):
         loader.collate_fn = self.collate.wrap(loader.collate_fn)
         step = self.sstoken.selective_forward if self.sstoken else None
         if step is not None:
-            step.hook.score_fn = self.score.wrap(step.hook.score_fn)
+            if step.hook is not None:  # no hook when the selection reads no attention (gamma 1, loss truncation)
+                step.hook.score_fn = self.score.wrap(step.hook.score_fn)
             if step.history is not None:
                 step.history.log_probs = self.history.wrap(step.history.log_probs)
 
