@@ -33,6 +33,7 @@ BLOCK = re.compile(re.escape(START) + r"\n(.*?)" + re.escape(END), re.DOTALL)
 # Output blocks of the README: name -> the command line whose output fills it (a console script of this package).
 OUTPUTS = {
     "demo-cpu": "sstoken-train --config recipes/demo-cpu.yaml",
+    "smollm2-135m-cpu": "sstoken-train --config recipes/smollm2-135m-cpu.yaml",
 }
 SCRIPTS = {"sstoken-train": "sstoken_trl.tools.cli", "sstoken-inspect": "sstoken_trl.tools.inspection"}
 FRESH_EXCLUDES = {"outputs"}  # what a run builds: left out of the fresh folder
@@ -99,12 +100,18 @@ def run_command(command: str) -> str:
     return done.stdout
 
 
+CHECKS = {  # how the tests hold each block to a real run
+    "demo-cpu": "the lines and their wording do not (a test checks them against a shortened run)",
+    "smollm2-135m-cpu": "a test runs the same recipe end to end, shortened (tests/test_real_model.py)",
+}
+
+
 def render_output_block(name: str, stdout: str) -> str:
     versions = ", ".join(f"{package} {importlib.metadata.version(package)}" for package in VERSIONS)
     note = (
         f"Printed by `{OUTPUTS[name]}` in a fresh clone, TRL's training log lines left out ({versions}; "
-        "`python docs/update_readme.py --demo` regenerates it). The figures and the samples shown depend on "
-        "these versions; the lines and their wording do not (a test checks them against a shortened run)."
+        f"`python docs/update_readme.py --demo {name}` regenerates it). The figures and the samples shown depend "
+        f"on these versions; {CHECKS[name]}."
     )
     return f"```text\n{readme_view(stdout)}```\n\n{textwrap.fill(note, 116, break_on_hyphens=False)}\n"
 
