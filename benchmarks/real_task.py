@@ -43,6 +43,7 @@ OPENINGS = (
     "Here you go:",
     "Happy to help! The reversed words are:",
 )
+SYSTEM = "You are a helpful assistant."  # shorter than the template's default system prompt: ~40 tokens a sample
 CLOSINGS = (" Hope this helps!", " Let me know if you need anything else.", " Have a nice day!", "")
 
 
@@ -72,16 +73,15 @@ def answer_text(reply: str, filler: bool) -> str:
 class ChatTask:
     """Builds tokenised samples of one regime with the model's chat template and tokenizer."""
 
-    def __init__(self, tokenizer: Any, end_token: str = "<|im_end|>") -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, end_token: str = "<|im_end|>", system: str = SYSTEM) -> None:
+        self.tokenizer, self.system = tokenizer, system
         self.end_id = tokenizer.convert_tokens_to_ids(end_token)
         if self.end_id is None or self.end_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {end_token!r} token: the task needs a ChatML-style template.")
 
     def prompt_ids(self, text: str) -> list[int]:
-        chat = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": text}]
+        chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
     def sample(self, words: tuple[str, ...], parts: Sequence[tuple[str, bool, bool]]) -> ChatSample:
