@@ -29,12 +29,12 @@ and beside the plain SFT run with the same total optimizer steps (equal compute)
 `METHODS["name"] = Method(dict(...SSTokenConfig fields...), reference=True/False)`.
 
 Size, measured on 2 shared cores with one torch thread (`cpu_seconds_per_step` in the JSON): one LoRA step at
-8 x ~46 tokens costs 3.9-4.0 s of CPU time. Full SFT on clean data (base: exact match 0.000, clean loss 1.95):
+8 x ~46 tokens costs 3.9-4.1 s of CPU time. Full SFT on clean data (base: exact match 0.000, clean loss 1.95):
 80 steps at lr 1e-3 reach 0.988 / 0.007 (with the template's default system prompt, 56 tokens a sample), 40 steps
-at 1e-3 0.988 / 0.020, 40 steps at 5e-4 0.938 / 0.035. The
-default is the last, 40 steps x 8 (320 samples, one epoch per run) at lr 5e-4: below the ceiling, so noise can
-cost and full_x2 can gain, and cheap enough. Per regime and seed the six default methods cost about 8 runs of
-steps (full_x2 two, a history forward about 0.3 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: an
+at 1e-3 0.988 / 0.020, 40 steps at 5e-4 0.938 / 0.035. The default is the last, 40 steps x 8 (320 samples, one
+epoch per run) at lr 5e-4: below the ceiling, so noise can cost and full_x2 can gain, and cheap enough; there,
+regime corrupted drops full SFT to 0.675 / 0.267. Per regime and seed the six default methods cost about 8 runs
+of steps (full_x2 two, a history forward about 0.3 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: an
 estimated 50 minutes for the four regimes and one seed with --workers 2 on two free cores. rho1_self and
 token_cleaning_self (about 1.3 runs each) are available by name and merge into the same file.
 Run 1 of each (regime, seed, settings) is kept in --runs-dir and reused by later invocations; results are merged
