@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ COLUMNS = {
     "eos_dropped_share": "</s> dropped",
 }
 FULL, ORACLE = "full", "oracle"
+PLAIN = re.compile(r"full(_x\d+)?")  # plain SFT: full, and full_x2 ... trained for that many times the steps
 
 
 def gap_closed(methods: dict[str, dict[str, Any]], name: str, key: str) -> float | None:
@@ -51,6 +53,44 @@ def table(methods: dict[str, dict[str, Any]], base: dict[str, float] | None = No
         gaps = [gap_closed(methods, name, k) for k in ("accuracy", "clean_loss")]
         cells += ["-" if g is None else f"{g:.2f}" for g in gaps]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def plain_partner(methods: dict[str, dict[str, Any]], name: str) -> str | None:
+    """The plain-SFT method with the fewest total optimizer steps at least those of `name` (equal compute)."""
+    steps = methods[name]["summary"]["optimizer_steps"]["mean"]
+    plain = sorted(
+        (methods[n]["summary"]["optimizer_steps"]["mean"], n)
+        for n in methods
+        if PLAIN.fullmatch(n) and methods[n]["summary"]["optimizer_steps"]["mean"] >= steps - 1e-9
+    )
+    return plain[0][1] if plain else None
+
+
+def compute_table(methods: dict[str, dict[str, Any]], keys: dict[str, str] | None = None) -> str:
+    """Markdown table of each method beside full SFT (equal steps per run) and beside plain SFT given the same
+    total optimizer steps (equal compute: run 1 and reference runs counted); mean over seeds, differences of means.
+    """
+    keys = keys or {"accuracy": "exact match", "clean_loss": "clean loss"}
+    names = " / ".join(keys.values())
+    header = (
+        f"| method | optimizer steps | {' | '.join(keys.values())} | vs full, equal steps ({names}) "
+        f"| plain SFT at equal compute | vs it ({names}) | train s |"
+    )
+    lines = [header, "|---|" + "---|" * (len(keys) + 5)]
+    mean = {n: {k: v["mean"] for k, v in m["summary"].items()} for n, m in methods.items()}
+
+    def delta(name: str, other: str | None) -> str:
+        if other is None or other not in mean:
+            return "-"
+        return " / ".join(f"{mean[name][k] - mean[other][k]:+.3f}" for k in keys)
+
+    for name in methods:
+        partner = plain_partner(methods, name)
+        seconds = mean[name].get("total_train_seconds", mean[name]["train_seconds"])
+        cells = [f"{mean[name]['optimizer_steps']:.0f}", *(f"{mean[name][k]:.3f}" for k in keys)]
+        cells += [delta(name, FULL), partner or "-", delta(name, partner), f"{seconds:.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

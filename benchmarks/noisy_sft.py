@@ -20,8 +20,12 @@ plain SFT for the same steps, so two training runs), ssToken (paper-exact gamma 
 run 1, two training runs), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
 ceiling a selection could reach. `oracle_after_W` masks them only from the share W of the steps on: the ceiling of
 a selection that trains every token for its first W of training (a perfect detector after a warm-up of W).
+`full_x2` is plain SFT for twice the steps: the equal-compute partner of a two-run method.
 Reported per method, over seeds: held-out exact match (greedy) and loss on clean data, the share of corrupted
-(filler), clean and </s> response tokens each method dropped, and the share of the full-to-oracle gap it closed.
+(filler), clean and </s> response tokens each method dropped, and the share of the full-to-oracle gap it closed;
+then each method's total optimizer steps (its reference's training counted) beside full SFT (equal steps per run)
+and beside the plain SFT run with at least as many steps (equal compute; TokenCleaning's scoring pass and the
+per-step history forwards are not steps, their cost shows in train seconds).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from peft import LoraConfig
 from transformers import PreTrainedModel, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from benchmarks.noisy_report import plot, summary, table
+from benchmarks.noisy_report import compute_table, plot, summary, table
 from benchmarks.noisy_task import (
     EOS,
     PAD,
@@ -77,6 +81,7 @@ BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_thres
 SELF_TRUNCATION = dict(selector="self_truncation", select_ratio=0.8, scope="batch", protect_response_end=True)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
+    "full_x2": dict(selector="full"),  # plain SFT for twice the steps: the equal-compute partner of two runs
     "self_trunc_w0.1_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.1, surprise_nats=3.0),
     "self_trunc_w0.25_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=3.0),
     "self_trunc_w0.25_c2": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=2.0),
@@ -138,6 +143,8 @@ REFERENCES = {
     "token_cleaning_self": "self",
     "recommended": "self",
 }
+# Optimizer steps of a method's own run, in units of --steps (plain SFT at the compute of two runs).
+STEPS_FACTOR = {"full_x2": 2}
 ORACLE_AFTER = {name: float(name.rsplit("_", 1)[1]) for name in METHODS if name.startswith("oracle_after_")}
 REGIMES = ("overconfident", "calibrated", "redundant")
 
@@ -210,8 +217,8 @@ class DropMeter(TrainerCallback):
 
     KINDS = ("corrupted", "clean", "eos")
 
-    def __init__(self, sstoken: SSTokenCallback, samples: list[Sample]) -> None:
-        self.sstoken = sstoken
+    def __init__(self, sstoken: SSTokenCallback, samples: list[Sample], pad: int = PAD, eos: int = EOS) -> None:
+        self.sstoken, self.pad, self.eos = sstoken, pad, eos
         self.flags = {tuple(s.input_ids): s.corrupted for s in samples}
         self.counts = {f"{kind}{part}": 0 for kind in self.KINDS for part in ("", "_dropped")}
         self._seen: object = None
@@ -228,12 +235,12 @@ class DropMeter(TrainerCallback):
             return
         self._seen = selection
         for ids, keep in zip(selection.input_ids.tolist(), selection.keep.tolist(), strict=True):
-            while ids and ids[-1] == PAD:
+            while ids and ids[-1] == self.pad:
                 ids.pop()
             flags = self.flags[tuple(ids)]
             start = len(ids) - len(flags)  # the first response token; target position start - 1 predicts it
             for token, corrupted, kept in zip(ids[start:], flags, keep[start - 1 : len(ids) - 1], strict=True):
-                for kind in ["corrupted" if corrupted else "clean"] + (["eos"] if token == EOS else []):
+                for kind in ["corrupted" if corrupted else "clean"] + (["eos"] if token == self.eos else []):
                     self.counts[kind] += 1
                     self.counts[f"{kind}_dropped"] += not kept
 
@@ -360,13 +367,21 @@ def fine_tune(name: str, regime: str, args: argparse.Namespace, seed: int, tmp: 
     if name in ORACLE_AFTER:
         callbacks.insert(0, OracleAfter(rows, round(ORACLE_AFTER[name] * args.steps)))
     t0 = time.perf_counter()
-    sft = sft_args(f"{tmp}/{regime}-{seed}-{name}", args.steps, args.batch, args.lr, seed)
+    steps = args.steps * STEPS_FACTOR.get(name, 1)
+    sft = sft_args(f"{tmp}/{regime}-{seed}-{name}", steps, args.batch, args.lr, seed)
     base = fresh(torch.load(f"{tmp}/base-{regime}.pt"))
     trainer = train(base, data, sft, build_tokenizer(), peft_config=lora(args), callbacks=callbacks)
     seconds = time.perf_counter() - t0
     metrics = evaluate(trainer.model, held_out(regime, args)["shift"])
     corrupted = sum(sum(s.corrupted) for s in rows) / sum(len(s.corrupted) for s in rows)
-    return {**metrics, **meter.shares(), "train_seconds": seconds, "corrupted_share": corrupted}
+    reference_steps = {"self": args.steps, "clean": args.ref_steps, None: 0}[kind]
+    return {
+        **metrics,
+        **meter.shares(),
+        "train_seconds": seconds,
+        "corrupted_share": corrupted,
+        "optimizer_steps": steps + reference_steps,  # the reference's (run 1's) steps counted
+    }
 
 
 def _job(task: tuple[str, tuple[Any, ...]]) -> Any:
@@ -441,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f", shift {base['shift']['accuracy']:.3f}; reference exact match on shift: {refs or '-'}\n"
         )
         print(table(part["methods"], base["shift"]))
+        print()
+        print(compute_table(part["methods"]))
     print(
         f"\nrho {args.select_ratio}, {args.steps} steps x {args.batch}, seeds {args.seeds}; mean ± std over seeds; "
         "gap closed = (method - full) / (oracle - full)"

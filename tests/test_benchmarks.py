@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 
 import pytest
 import torch
 
-from benchmarks import noise_probe, noisy_sft, step_cost
+from benchmarks import noise_probe, noisy_sft, real_sft, real_task, step_cost
+from benchmarks.noisy_report import compute_table, plain_partner
+from benchmarks.real_task import ChatTask
 
 
 def test_step_cost_writes_every_variant(tmp_path):
@@ -37,6 +40,7 @@ def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
     out = tmp_path / "noisy.json"
     methods = [
         "full",
+        "full_x2",
         "rho1",
         "token_cleaning_self",
         "recommended_one_run",
@@ -55,7 +59,7 @@ def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
         summary = result["summary"]
         assert 0 <= summary["accuracy"]["mean"] <= 1 and summary["clean_loss"]["mean"] > 0
         assert 0 <= summary["corrupted_dropped_share"]["mean"] <= 1
-        if name not in ("full", "recommended", "oracle_after_0.5", noisy_sft.ORACLE):
+        if name not in ("full", "full_x2", "recommended", "oracle_after_0.5", noisy_sft.ORACLE):
             assert summary["clean_dropped_share"]["mean"] + summary["corrupted_dropped_share"]["mean"] > 0
     methods = part["methods"]
     assert methods["full"]["summary"]["corrupted_dropped_share"]["mean"] == 0
@@ -65,6 +69,12 @@ def test_noisy_sft_reports_quality_and_drops(tmp_path, regime):
     late = methods["oracle_after_0.5"]["summary"]  # masked from step 3 of 5 on: some batches of every kind
     assert 0 < late["corrupted_dropped_share"]["mean"] < 1 and late["clean_dropped_share"]["mean"] == 0
     assert 0 < part["corrupted_share_of_response_tokens"] < 1
+    steps = {name: m["summary"]["optimizer_steps"]["mean"] for name, m in methods.items()}
+    assert steps["full"] == 5 and steps["full_x2"] == 10 and steps["recommended"] == 10  # run 1 counted
+    assert steps["token_cleaning_self"] == 10 and steps["rho1"] == 5 + 2  # its clean reference's 2 steps
+    partners = {name: plain_partner(methods, name) for name in methods}
+    assert partners["recommended"] == partners["rho1"] == partners["token_cleaning_self"] == "full_x2"
+    assert partners["sstoken_g0.5"] == partners[noisy_sft.ORACLE] == "full"
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").stat().st_size > 0
 
@@ -107,3 +117,123 @@ def test_noise_probe_reports_every_signal_at_every_share(tmp_path):
 def test_noise_probe_refuses_the_regime_without_corrupted_tokens():
     with pytest.raises(SystemExit):
         noise_probe.parse_args(["--regimes", "redundant"])
+
+
+# --- the real-model benchmark: the task on SmolLM2's tokenizer, the loader, and the whole run on a tiny model ---
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's own tokenizer, through the benchmark's --tiny path."""
+    return real_sft.tiny_model(tmp_path_factory.mktemp("real") / "tiny-llama")
+
+
+def test_real_task_flags_exactly_the_noise(tiny_folder):
+    _, tokenizer = real_sft.load(tiny_folder)
+    task = ChatTask(tokenizer)
+    for regime in real_task.REGIMES:
+        samples = task.make(regime, 60, 0.3, random.Random(1))
+        for s in samples:
+            assert s.response[-1] == task.end_id and not s.corrupted[-1]
+            text = tokenizer.decode(s.response[:-1])
+            answer = real_task.answer_text(text, filler=regime == "redundant")
+            words = answer.rstrip(".").split(", ")
+            clean = list(reversed(s.words))
+            flagged = "".join(tokenizer.decode([t]) for t, bad in zip(s.response, s.corrupted, strict=True) if bad)
+            if regime in ("clean", "corrupted"):
+                assert text == answer and len(words) == len(clean)
+                wrong = [w for w, c in zip(words, clean, strict=True) if w != c]
+                assert flagged.replace(" ", "") == "".join(wrong)  # the substituted words' tokens, nothing else
+                assert not set(wrong) & set(s.words)
+            elif regime == "wrong":
+                assert (words != clean) == any(s.corrupted)
+                assert flagged.replace(" ", "") == ("".join(words) if words != clean else "")
+            else:
+                assert words == clean and text.startswith(tuple(real_task.OPENINGS))
+                scored = tokenizer.decode([t for t, a in zip(s.response, s.answer, strict=True) if a])
+                assert scored.strip() == real_task.reversed_answer(s.words)
+                assert flagged.replace(" ", "") == text.replace(answer, "").replace(" ", "")  # opening, closing
+        share = sum(any(s.corrupted) for s in samples) / len(samples)
+        if regime == "clean":
+            assert share == 0
+        elif regime == "wrong":
+            assert 0.1 < share < 0.5
+        else:
+            assert share > 0.5  # corrupted: 3-5 words at 30% each; redundant: every response has filler
+
+
+def test_real_task_loss_and_replies_match_a_plain_loop(tiny_folder):
+    model, tokenizer = real_sft.load(tiny_folder)
+    task = ChatTask(tokenizer)
+    samples = task.make("redundant", 4, 0.0, random.Random(2))
+    nll, count = 0.0, 0
+    for s in samples:  # one unpadded sample at a time
+        logits = model(input_ids=torch.tensor([s.input_ids])).logits[0].float()
+        for i, (token, scored) in enumerate(zip(s.response, s.answer, strict=True)):
+            if scored:
+                nll -= torch.log_softmax(logits[len(s.prompt) + i - 1], -1)[token].item()
+                count += 1
+    assert real_task.clean_loss(model, samples, tokenizer.pad_token_id, batch_size=3) == pytest.approx(nll / count)
+    replies = real_task.greedy_replies(model, tokenizer, samples, batch_size=3)
+    new = max(len(s.response) for s in samples) + 4
+    for s, reply in zip(samples, replies, strict=True):  # unpadded greedy decoding, one sample at a time
+        ids = list(s.prompt)
+        while len(ids) - len(s.prompt) < new:
+            nxt = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+            if nxt == task.end_id:
+                break
+            ids.append(nxt)
+        assert reply == tokenizer.decode(ids[len(s.prompt) :], skip_special_tokens=True)
+
+
+def test_real_sft_runs_merges_and_reuses_run_1(tmp_path, tiny_folder):
+    out, runs = tmp_path / "real.json", tmp_path / "runs"
+    runs.mkdir()
+    (runs / "tiny-llama").symlink_to(tiny_folder)
+    argv = ["--tiny", "--steps", "3", "--batch", "4", "--eval", "6", "--regimes", "corrupted", "--runs-dir", str(runs)]
+    real_sft.main([*argv, "--methods", "recommended,sstoken_g0.5", "--out", str(out)])
+    first = json.loads(out.read_text())
+    real_sft.main([*argv, "--methods", "full_x2,recommended_one_run", "--out", str(out)])
+    report = json.loads(out.read_text())
+    methods = report["regimes"]["corrupted"]["methods"]
+    assert list(methods) == ["full", "recommended", "sstoken_g0.5", "full_x2", "recommended_one_run"]
+    assert methods["full"] == first["regimes"]["corrupted"]["methods"]["full"]  # run 1 reused, not retrained
+    steps = {name: m["seeds"]["0"]["optimizer_steps"] for name, m in methods.items()}
+    assert steps == {"full": 3, "recommended": 6, "sstoken_g0.5": 3, "full_x2": 6, "recommended_one_run": 3}
+    for name, m in methods.items():
+        row = m["seeds"]["0"]
+        assert 0 <= row["accuracy"] <= 1 and row["clean_loss"] > 0 and row["train_seconds"] > 0
+        assert 0 < row["flagged_share"] < 1
+        assert row["total_train_seconds"] >= row["train_seconds"]
+        assert plain_partner(methods, name) == ("full_x2" if steps[name] == 6 else "full")
+    assert methods["full"]["summary"]["corrupted_dropped_share"]["mean"] == 0
+    rec = methods["recommended"]["seeds"]["0"]
+    assert rec["total_train_seconds"] == pytest.approx(
+        rec["train_seconds"] + methods["full"]["seeds"]["0"]["train_seconds"]
+    )
+    assert rec["eos_dropped_share"] == 0 and rec["corrupted_dropped_share"] + rec["clean_dropped_share"] > 0
+    assert 0 < methods["sstoken_g0.5"]["seeds"]["0"]["clean_dropped_share"] < 1
+    with pytest.raises(SystemExit, match="other training settings"):
+        real_sft.main([*argv[:2], "4", *argv[3:], "--methods", "full", "--out", str(out)])
+
+
+def test_real_sft_help_documents_every_regime(capsys):
+    with pytest.raises(SystemExit):
+        real_sft.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for regime in real_task.REGIMES:
+        assert f"  {regime} " in text
+    with pytest.raises(SystemExit):
+        real_sft.parse_args(["--methods", "full,magic"])
+
+
+def test_compute_table_sets_each_method_beside_plain_sft_of_its_steps():
+    def entry(steps, accuracy, loss):
+        values = dict(optimizer_steps=steps, accuracy=accuracy, clean_loss=loss, train_seconds=1.0)
+        return {"summary": {k: {"mean": v, "std": 0.0} for k, v in values.items()}}
+
+    methods = {"full": entry(80, 0.5, 0.4), "full_x2": entry(160, 0.75, 0.25), "two_runs": entry(160, 0.625, 0.5)}
+    methods["one_run"] = entry(80, 0.25, 0.375)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in compute_table(methods).splitlines()[2:]}
+    assert rows["two_runs"] == ["160", "0.625", "0.500", "+0.125 / +0.100", "full_x2", "-0.125 / +0.250", "1 |"]
+    assert rows["one_run"][3:6] == ["-0.250 / -0.025", "full", "-0.250 / -0.025"]

@@ -79,6 +79,16 @@ def test_converted_checkpoint_equals_the_gguf_load_and_is_reused(smollm2):
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(folder).chat_template is not None
 
 
+def test_converted_weights_equal_the_gguf_readers_own_dequantisation(smollm2):
+    """An independent reference: the gguf package's dequantisation of one tensor the conversion does not permute."""
+    import gguf
+
+    model = smollm2[0]
+    tensor = next(t for t in gguf.GGUFReader(resolve_path(GGUF)).tensors if t.name == "blk.0.ffn_down.weight")
+    expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).float()
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, expected.reshape(model.config.hidden_size, -1))
+
+
 def test_a_changed_gguf_file_invalidates_its_conversion(tmp_path):
     source = tmp_path / "model.gguf"
     shutil.copyfile(resolve_path(GGUF), source)
