@@ -11,7 +11,7 @@ Parts, in order (each prints its rows as soon as it finishes; one that fails bec
    output_attentions on right-padded, left-padded and packed rows; which SDPA kernels the score ran.
 3. QLoRA: 4-bit NF4 LLaMA-3.2-1B shape, plain QLoRA against ssToken with the 4-bit base as history.
 4. padding-free packed batches: SDPA, and flash_attention_2 when flash-attn imports.
-5. sharded: the recipe path (sstoken-train, recommended selection, run 1 then run 2, fp32) alone and under
+5. sharded: the recipe path (sstoken-train, loss truncation against run 1 as history model, fp32) alone and under
    `accelerate launch` with the shipped FSDP2 config on one process, then the ZeRO-3 config when deepspeed
    imports; the logged statistics, the last batch's selection and the saved adapter must match.
 6. step cost with gradient checkpointing off (sft, online, cached), and on against off.

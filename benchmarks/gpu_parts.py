@@ -2,8 +2,9 @@
 
 Step cost and QLoRA reuse the step-cost benchmark's alternation (benchmarks/alternate.py, variants.py): the
 variants take real SFTTrainer steps in turn on one shared LoRA model. Padding-free runs are one SFTTrainer each,
-timed step by step. The sharded part runs the recipe path (`sstoken-train` on a shipped recipe, recommended
-selection: run 1 then run 2 against it) in a fresh process, once alone and once under `accelerate launch` with
+timed step by step. The sharded part runs the recipe path (`sstoken-train` on a shipped recipe: run 1, plain SFT,
+once; then run 2, loss truncation against run 1 as a separate history model) in a fresh process, once alone and
+once under `accelerate launch` with
 each shipped multi-GPU config on one process (FSDP2 still shards, gathers and reshards at world size 1), and
 compares what they logged, selected and saved: `python -m benchmarks.gpu_parts sharded-worker OUT FLAGS...` is
 that process.
@@ -42,12 +43,14 @@ PACKED = "padding-free (packing)"
 SHARDED = "sharded (accelerate, 1 process)"
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "llama-3.2-3b.yaml"
-ENGINES = {  # case -> (shipped accelerate config, the module the engine needs, run 1 in a launch of its own)
-    "FSDP2": (ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml", "torch", False),
-    # accelerate allows one DeepSpeed Accelerator per process: run 1 first, as the README's known limit says
-    "DeepSpeed ZeRO-3": (ROOT / "recipes" / "accelerate" / "deepspeed-zero3-8gpu.yaml", "deepspeed", True),
+ENGINES = {  # case -> (shipped accelerate config, the module the engine needs)
+    "FSDP2": (ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml", "torch"),
+    "DeepSpeed ZeRO-3": (ROOT / "recipes" / "accelerate" / "deepspeed-zero3-8gpu.yaml", "deepspeed"),
 }
-RUN_1 = ["--sstoken_recommended", "false", "--sstoken_selector", "full"]  # plain SFT, as sstoken-train's run 1
+RUN_1 = ["--sstoken_recommended", "false", "--sstoken_selector", "full"]  # plain SFT: the reference of run 2
+# Run 2: loss truncation against run 1, a separate history model, so the engines' history-model path is exercised.
+RUN_2 = ["--sstoken_recommended", "false", "--sstoken_selector", "loss_truncation", "--sstoken_history", "model"]
+RUN_2 += ["--sstoken_select_ratio", "0.8", "--sstoken_scope", "batch", "--sstoken_protect_response_end", "true"]
 SHARDED_TOLERANCE = 1e-3  # fp32 on both sides: only the order of reductions differs
 ROW_FIELDS = ("part", "case", "status", "step_s", "time_ratio", "peak_bytes", "peak_ratio", "detail")
 
@@ -185,9 +188,10 @@ def qlora(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     lora = LoraConfig(
         r=sizes.lora_r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    results = alternate(get_peft_model(model, lora), ["sft", "online"], sizes, device, gc=True)
+    results = alternate(get_peft_model(model, lora), ["sft", "online", "recommended"], sizes, device, gc=True)
     rows = variant_rows("qlora", results)
-    for r, name in zip(rows, ("plain QLoRA", "ssToken, history = 4-bit base"), strict=True):
+    names = ("plain QLoRA", "ssToken, history = 4-bit base", "recommended (one run, no history)")
+    for r, name in zip(rows, names, strict=True):
         r["case"] = name
     return rows
 
@@ -369,19 +373,19 @@ def sharded(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="sstoken-sharded-") as tmp:
         folder = Path(tmp)
         flags = sharded_flags(sizes, device, folder)
+        sharded_record([*flags, *RUN_1, "--output_dir", str(folder / "run1")])  # run 1 once, this process
+        flags += [*RUN_2, "--sstoken_history_model", str(folder / "run1")]
         plain = sharded_record([*flags, "--output_dir", str(folder / "plain")])  # this process, no engine
-        for case, (config, module, run_1_apart) in ENGINES.items():
+        for case, (config, module) in ENGINES.items():
             if importlib.util.find_spec(module) is None:
                 rows.append(row(SHARDED, case, "not installed", f"{module} is not installed (pip install {module})"))
                 continue
             launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
             launcher += ["--num_processes", "1", "--mixed_precision", "no"]
 
-            def run(case: str = case, launcher: list[str] = launcher, run_1_apart: bool = run_1_apart) -> dict:
+            def run(case: str = case, launcher: list[str] = launcher) -> dict:
                 t0 = time.monotonic()
                 out = folder / case.replace(" ", "_")
-                if run_1_apart:
-                    launch_worker(launcher, [*flags, *RUN_1, "--output_dir", str(out / "reference")], out / "reference")
                 record = launch_worker(launcher, [*flags, "--output_dir", str(out)], out)
                 return compare_sharded(case, plain, record, time.monotonic() - t0)
 

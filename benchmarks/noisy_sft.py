@@ -16,10 +16,12 @@ Every method trains the same steps on the same data order with rho 0.6 (`--selec
 their own (the recommended configuration and the variants named rho0.8: 0.8): full SFT, uniform random, RHO-1
 and TokenCleaning (reference: the base fine-tuned on a clean subset; `_self`: on the noisy training data itself,
 plain SFT for the same steps, so two training runs), ssToken (paper-exact gamma 1 / 0.5 / 0, the variants,
-`recommended_one_run`), the recommended configuration (`recommended`: loss truncation with the `self` reference as
-run 1, two training runs), and the oracle: full SFT with the corrupted (or filler) tokens' labels masked, the
-ceiling a selection could reach. `oracle_after_W` masks them only from the share W of the steps on: the ceiling of
-a selection that trains every token for its first W of training (a perfect detector after a warm-up of W).
+`recommended_one_run`), loss truncation against the `self` reference as run 1 (`loss_truncation_self`, two training
+runs, the previous recommendation), the recommended configuration (`recommended`: loss truncation in one run
+against the model being trained, no history), the `self_trunc_*` variants of it, and the oracle: full SFT with
+the corrupted (or filler) tokens' labels masked, the ceiling a selection could reach. `oracle_after_W` masks them
+only from the share W of the steps on: the ceiling of a selection that trains every token for its first W of
+training (a perfect detector after a warm-up of W).
 `full_x2` is plain SFT for twice the steps: the equal-compute partner of a two-run method.
 Reported per method, over seeds: held-out exact match (greedy) and loss on clean data, the share of corrupted
 (filler), clean and </s> response tokens each method dropped, and the share of the full-to-oracle gap it closed;
@@ -60,7 +62,7 @@ from benchmarks.noisy_task import (
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN
+from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN, RECOMMENDED_TWO_RUNS
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.tiny import build_model
 from sstoken_trl.trl_internals import collate_owner
@@ -85,7 +87,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "self_trunc_w0.1_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.1, surprise_nats=3.0),
     "self_trunc_w0.25_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=3.0),
     "self_trunc_w0.25_c2": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=2.0),
-    "self_trunc_w0.5_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.5, surprise_nats=3.0),
     "random": dict(selector="random"),
     "rho1": dict(selector="rho1", history="model"),
     "rho1_self": dict(selector="rho1", history="model"),  # reference: the "self" one (two training runs)
@@ -121,8 +122,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "rec_batch_rho0.8_w0.5": dict(BATCH_THRESHOLD, select_ratio=0.8),
     "rec_keep0_rho0.6": dict(RECOMMENDED_ONE_RUN, select_ratio=0.6),
     "rec_keep0_w0.3": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.3),
-    "recommended_one_run": dict(RECOMMENDED_ONE_RUN),  # the best one-run selection (the previous recommendation)
-    "recommended": dict(RECOMMENDED),  # loss truncation against the "self" reference: two training runs
+    "recommended_one_run": dict(RECOMMENDED_ONE_RUN),  # REL against the base, thresholded (an earlier recommendation)
+    "loss_truncation_self": dict(RECOMMENDED_TWO_RUNS),  # against the "self" reference: two runs (the previous one)
+    "recommended": dict(RECOMMENDED),  # loss truncation in one run against the model being trained
     "rec_rho0.9": dict(RECOMMENDED_ONE_RUN, select_ratio=0.9),
     "rec_rho0.7": dict(RECOMMENDED_ONE_RUN, select_ratio=0.7),
     "rec_w0.4": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.4),
@@ -141,7 +143,7 @@ REFERENCES = {
     "rho1_self": "self",
     "token_cleaning": "clean",
     "token_cleaning_self": "self",
-    "recommended": "self",
+    "loss_truncation_self": "self",
 }
 # Optimizer steps of a method's own run, in units of --steps (plain SFT at the compute of two runs).
 STEPS_FACTOR = {"full_x2": 2}

@@ -111,6 +111,7 @@ DEFAULT_METHODS = (
     "full_x2",
     "sstoken_g0.5",
     "recommended_one_run",
+    "loss_truncation_self",
     "recommended",
     "oracle",
 )

@@ -3,6 +3,8 @@
 - sft: TRL's SFTTrainer as it is.
 - online: SSTokenCallback with history="base" (a no-grad forward with the adapters disabled, every micro-batch).
 - cached: SSTokenCallback with history="cache" (base losses computed once before training, looked up per batch).
+- recommended: SSTokenConfig.recommended() (loss truncation in one run, no history), with its selection warm-up
+  off so that every timed step selects (the warm-up steps are plain SFT).
 - output_attentions: the published code's attention path, as a reference. Every layer runs eager attention and
   returns its map (`output_attentions=True`); the last layer's map gives the score. History losses come from
   the same cache, and the same fused LM head computes the log-probs, so only the attention path differs.
@@ -29,7 +31,7 @@ from sstoken_trl.history.cache import CACHED_LOG_PROBS, LossCache
 from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.selectors import sstoken_select
 
-VARIANTS = ("sft", "online", "cached", "output_attentions")
+VARIANTS = ("sft", "online", "cached", "output_attentions", "recommended")
 
 
 class Stopwatch:
@@ -208,6 +210,10 @@ def make_trainers(
         if name == "sft":
             inst = Instruments(device)
             trainer = SFTTrainer(**common, callbacks=[inst])
+        elif name == "recommended":
+            callback = SSTokenCallback(SSTokenConfig.recommended(select_warmup_ratio=0.0))
+            inst = Instruments(device, callback)
+            trainer = SFTTrainer(**common, callbacks=[callback, inst])
         elif name in ("online", "cached"):
             history = dict(history="cache", history_cache_dir=cache_dir) if name == "cached" else {}
             callback = SSTokenCallback(SSTokenConfig(**sstoken, **history))

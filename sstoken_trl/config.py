@@ -238,16 +238,20 @@ class SSTokenConfig:
 
     @classmethod
     def recommended(cls, **overrides: Any) -> SSTokenConfig:
-        """The recommended configuration (docs/selectors.md, measured by benchmarks/noisy_sft); `overrides` win.
-
-        Loss truncation: pass the model of a plain-SFT run on the same data as the callback's history_model (or
-        overrides history_model=PATH); sstoken-train with sstoken_recommended: true trains that run first.
-        """
+        """The recommended configuration (docs/selectors.md, measured by benchmarks/real_sft on SmolLM2 and by
+        benchmarks/noisy_sft); `overrides` win. Loss truncation inside one run against the model being trained:
+        no history model, no extra forward, the compute of plain SFT."""
         return cls(**{**RECOMMENDED, **overrides})
 
     @classmethod
+    def recommended_two_runs(cls, **overrides: Any) -> SSTokenConfig:
+        """The previous recommendation: loss truncation against run 1, a plain-SFT run on the same data, given as
+        history_model (docs/selectors.md); it costs a second training run and a second model in memory."""
+        return cls(**{**RECOMMENDED_TWO_RUNS, **overrides})
+
+    @classmethod
     def recommended_one_run(cls, **overrides: Any) -> SSTokenConfig:
-        """The best measured selection inside a single run, with the base as history (docs/selectors.md)."""
+        """The recommendation before loss truncation: REL against the base, thresholded (docs/selectors.md)."""
         return cls(**{**RECOMMENDED_ONE_RUN, **overrides})
 
     def rel_warmup(self, max_steps: int) -> int:
@@ -274,9 +278,19 @@ class SSTokenConfig:
         return {f.name: (f.default, f.metadata.get("help", "")) for f in fields(cls)}
 
 
-# What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why): loss
-# truncation against a plain-SFT run on the same data (history_model), which sstoken-train trains first.
+# What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why): after half
+# of the steps on every token, drop what the model being trained finds e^3 times less likely than it expects
+# (L_cur - H_cur > 3 nats), at most a fifth of the micro-batch, never a response's end.
 RECOMMENDED: dict[str, Any] = {
+    "selector": "self_truncation",  # surprise_nats 3.0 is the default
+    "select_warmup_ratio": 0.5,
+    "select_ratio": 0.8,
+    "scope": "batch",
+    "protect_response_end": True,
+}
+
+# The previous recommendation, loss truncation against run 1 (history_model): SSTokenConfig.recommended_two_runs().
+RECOMMENDED_TWO_RUNS: dict[str, Any] = {
     "selector": "loss_truncation",
     "history": "model",
     "select_ratio": 0.8,
@@ -284,7 +298,7 @@ RECOMMENDED: dict[str, Any] = {
     "protect_response_end": True,
 }
 
-# The best selection within one run (no history_model needed): SSTokenConfig.recommended_one_run().
+# The recommendation before that, REL against the base thresholded: SSTokenConfig.recommended_one_run().
 RECOMMENDED_ONE_RUN: dict[str, Any] = {
     "select_ratio": 0.8,
     "rel_keep_threshold": 0.0,

@@ -27,7 +27,6 @@ from sstoken_trl.tools.arguments import (
 from sstoken_trl.tools.cli import check_recipe, main
 from sstoken_trl.tools.loading import load_model, load_splits
 from sstoken_trl.tools.tiny import build_model
-from tests.conftest import tiny_cli_run
 
 BASE = {"model_name_or_path": "m", "output_dir": "o", "use_cpu": True, "use_peft": True}
 BASE["activation_checkpointing"] = False  # TRL's default is on, under a name transformers deprecated
@@ -86,7 +85,7 @@ def test_unknown_keys_fail_with_the_key_named(tmp_path, keys, flags, named):
         ({}, ["--sstoken_select_ratio", "1.5"], "--sstoken_select_ratio 1.5 must be in (0, 1]"),
         ({}, ["--sstoken_gamma=2"], "--sstoken_gamma 2.0 must be in [0, 1]"),
         # run through the recommended configuration: the recipe's key, the field it conflicts with as a flag
-        ({"sstoken_recommended": True}, ["--sstoken_history", "base"], "not --sstoken_history 'base': set"),
+        ({"sstoken_selector": "loss_truncation"}, ["--sstoken_history", "base"], "not --sstoken_history 'base': set"),
         ({"sstoken_torch_threads": 0}, [], "sstoken_torch_threads: 0 must be >= 1"),  # a command setting
         ({}, ["--sstoken_tiny_base_steps", "0"], "--sstoken_tiny_base_steps 0 must be >= 1"),
     ],
@@ -158,17 +157,6 @@ def test_inspect_help_shows_its_arguments_then_the_sstoken_flags():
     assert flags[:3] == ["--model", "--data", "--adapter"] and "--sstoken_select_ratio" in flags
     assert flags.index("--sstoken_recommended") < flags.index("--sstoken_select_ratio")
     assert "Score a few samples with a model (and a PEFT adapter" in " ".join(done.stdout.split())
-
-
-def test_run_1_of_loss_truncation_logs_no_sstoken_metrics(tmp_path, capsys):
-    path, _, _ = tiny_cli_run(tmp_path, {"base": 1}, sstoken_recommended=True, logging_steps=1)
-    main(["--config", str(path)])
-    run_1, run_2 = capsys.readouterr().out.split("run 2 of 2", 1)
-    logs_1 = [line for line in run_1.splitlines() if line.startswith("{'loss'")]
-    logs_2 = [line for line in run_2.splitlines() if line.startswith("{'loss'")]
-    assert len(logs_1) == len(logs_2) == 2  # one per step, printed by TRL (disable_tqdm)
-    assert not any("sstoken/" in line for line in logs_1)
-    assert all("'sstoken/selected_fraction'" in line for line in logs_2)
 
 
 def test_main_exits_with_the_reason(tmp_path, capsys):

@@ -26,6 +26,7 @@ EXPECTED = (
        for backend in ("sdpa", "eager")]
     + [("score parity", "sdpa kernel of the score")]
     + [("qlora", "plain QLoRA"), ("qlora", "ssToken, history = 4-bit base")]
+    + [("qlora", "recommended (one run, no history)")]
     + [("padding-free (packing)", "sdpa"), ("padding-free (packing)", "flash_attention_2")]
     + [("sharded (accelerate, 1 process)", engine) for engine in ("FSDP2", "DeepSpeed ZeRO-3")]
     + [("step cost, checkpointing off", v) for v in VARIANTS]

@@ -1,5 +1,5 @@
 """Loss truncation against a self-reference: the selector against a plain loop, its refusals, and sstoken-train
-training run 1 (plain SFT) itself before run 2."""
+with run 1 (plain SFT) trained first and given as the history model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.selectors import SELECTORS, Signals, budget_ratio
 from sstoken_trl.tools.arguments import parse_recipe
-from sstoken_trl.tools.cli import REFERENCE_RUN, train
+from sstoken_trl.tools.cli import train
 from tests.conftest import tiny_cli_run
 
 VOCAB = 50
@@ -77,23 +77,25 @@ def test_bad_settings_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="truncation_loss"):
         SSTokenConfig(selector="loss_truncation", history="model", truncation_loss=0.0)
     with pytest.raises(ValueError, match="plain-SFT run on the same data"):
-        SSTokenCallback(SSTokenConfig.recommended())
+        SSTokenCallback(SSTokenConfig.recommended_two_runs())
 
 
-def test_sstoken_train_trains_run_1_then_truncates_by_it(tmp_path, capsys):
-    path, _, tokenizer = tiny_cli_run(tmp_path, {"base": 1}, sstoken_recommended=True)
-    trainer = train(parse_recipe(["--config", str(path)]))
-    printed = capsys.readouterr().out
-    run_1 = tmp_path / "out" / REFERENCE_RUN
-    assert "run 1 of 2" in printed and "run 2 of 2" in printed
-    assert (run_1 / "adapter_config.json").is_file() and (tmp_path / "out" / "adapter_config.json").is_file()
+def test_sstoken_train_refuses_it_without_run_1_and_says_how(tmp_path):
+    path, _, _ = tiny_cli_run(tmp_path, {"base": 1}, sstoken_selector="loss_truncation", sstoken_history="model")
+    with pytest.raises(ValueError, match="Train it first") as refused:
+        train(parse_recipe(["--config", str(path)]))
+    assert "--sstoken_selector full" in str(refused.value) and "--sstoken_history_model RUN_1" in str(refused.value)
+
+
+def test_sstoken_train_truncates_by_a_run_1_trained_first(tmp_path):
+    two_runs = dict(sstoken_selector="loss_truncation", sstoken_history="model", sstoken_select_ratio=0.8)
+    path, _, tokenizer = tiny_cli_run(tmp_path, {"base": 1}, **two_runs, sstoken_scope="batch")
+    run_1 = tmp_path / "run1"
+    train(parse_recipe(["--config", str(path), "--sstoken_selector", "full", "--output_dir", str(run_1)]))
+    trainer = train(parse_recipe(["--config", str(path), "--sstoken_history_model", str(run_1)]))
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SSTokenCallback))
     assert callback.config.selector == "loss_truncation" and callback.config.history_model == str(run_1)
     selection = callback.last_selection
-    threshold = math.log(len(tokenizer))
     dropped = selection.response & ~selection.keep
-    assert (selection.score[dropped] > threshold).all()  # only what run 1 rates below a uniform guess
-    kept_share = selection.keep.sum() / selection.response.sum()
-    assert kept_share >= 0.8 and trainer.state.global_step == 2
-    train(parse_recipe(["--config", str(path), "--max_steps", "1"]))  # run 1 is reused
-    assert f"reusing run 1 in {run_1}" in capsys.readouterr().out
+    assert (selection.score[dropped] > math.log(len(tokenizer))).all()  # only what run 1 rates below a uniform guess
+    assert selection.keep.sum() / selection.response.sum() >= 0.8 and trainer.state.global_step == 2

@@ -37,7 +37,8 @@ def test_one_recipe_per_paper_model_and_its_qlora_variant():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_and_validates(path):
     recipe = parse_recipe(["--config", str(path), *CPU])
-    assert (recipe.sstoken.selector, recipe.sstoken.history) == ("loss_truncation", "model") and recipe.model.use_peft
+    assert recipe.sstoken == SSTokenConfig.recommended(select_ratio=recipe.sstoken.select_ratio)
+    assert recipe.sstoken.selector == "self_truncation" and recipe.model.use_peft
     assert not recipe.training.trust_remote_code
     assert "trust_remote_code" not in yaml.safe_load(path.read_text())
 

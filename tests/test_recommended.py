@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from sstoken_trl.config import RECOMMENDED, SSTokenConfig
+from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.tools.arguments import parse_recipe
 
 BASE = {"model_name_or_path": "m", "dataset_name": "d.jsonl", "output_dir": "o", "use_cpu": True, "bf16": False}
@@ -59,9 +60,17 @@ def test_one_run_recommendation_refuses_the_paper_gamma_with_rel_in_nats():
     assert config.selector == "sstoken" and config.history == "base"
 
 
+def test_recommended_is_loss_truncation_in_one_run_without_a_history_model():
+    config = SSTokenConfig.recommended()
+    assert config.selector == "self_truncation" and 0 < config.select_warmup_ratio < 1 and config.protect_response_end
+    assert not uses_history(config) and config.history_model is None  # one run, no second model
+
+
 def test_loss_truncation_needs_a_model_history_and_says_which(tmp_path):
-    assert (SSTokenConfig.recommended().selector, SSTokenConfig.recommended().history) == ("loss_truncation", "model")
+    two_runs = SSTokenConfig.recommended_two_runs()
+    assert (two_runs.selector, two_runs.history) == ("loss_truncation", "model")
     with pytest.raises(ValueError, match="set history='model' and history_model"):
-        SSTokenConfig.recommended(history="base")
+        SSTokenConfig.recommended_two_runs(history="base")
+    flags = ["--sstoken_selector", "loss_truncation", "--sstoken_history", "ema"]
     with pytest.raises(ValueError, match="not --sstoken_history 'ema'"):  # named as the flag it was given
-        parse_recipe([*recipe(tmp_path, sstoken_recommended=True), "--sstoken_history", "ema"])
+        parse_recipe([*recipe(tmp_path, sstoken_recommended=True), *flags])

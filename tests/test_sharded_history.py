@@ -63,7 +63,7 @@ def run1(tokenizer, tmp_path):
 def test_history_model_load_under_zero3_without_an_engine_is_refused(tokenizer, run1):
     # Before: from_pretrained ran under zero.Init (here: failed importing deepspeed; with deepspeed: a model with
     # empty weights, then called outside any engine). Now: refused before loading, saying what to do.
-    config = SSTokenConfig.recommended()
+    config = SSTokenConfig.recommended_two_runs()
     model = build_model("llama", len(tokenizer))
     context = HistoryContext(config, model, model, model.forward, run1)  # sstoken-inspect: no trainer
     with zero3(), pytest.raises(ValueError, match=r"ZeRO-3 .*partitioned.*DeepSpeed engine") as refused:
@@ -72,7 +72,7 @@ def test_history_model_load_under_zero3_without_an_engine_is_refused(tokenizer, 
 
 
 def test_history_model_load_under_zero3_in_a_trainer_without_deepspeed_is_refused(tokenizer, run1):
-    sft = trainer(tokenizer, SSTokenConfig.recommended(), history_model=run1)
+    sft = trainer(tokenizer, SSTokenConfig.recommended_two_runs(), history_model=run1)
     inner = fused_model(sft.model)
     context = HistoryContext(sft_config(sft), sft.model, inner, inner.forward, run1, sft)
     with zero3(), pytest.raises(ValueError, match="in a trainer that runs no DeepSpeed engine"):

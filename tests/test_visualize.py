@@ -147,7 +147,7 @@ VOCAB = 491
 
 
 def test_page_names_loss_truncation_and_hides_the_attention_column(words):
-    config = SSTokenConfig.recommended(history_model="runs/reference")
+    config = SSTokenConfig.recommended_two_runs(history_model="runs/reference")
     selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
     page_text = render_html(selection, words, config, vocab_size=VOCAB)
     threshold = f"{math.log(VOCAB):.2f} nats"  # a uniform guess over the vocabulary
@@ -229,13 +229,15 @@ def test_inspect_matches_the_reference_selection(inspect_setup, tokenizer, capsy
     assert f"each token's REL, AttnScore and Score on hover: {output}" in capsys.readouterr().out
 
 
-def test_inspect_with_the_recommended_config_matches_a_plain_loop(inspect_setup, tokenizer):
+def test_inspect_with_loss_truncation_against_run_1_matches_a_plain_loop(inspect_setup, tokenizer):
     root, rows = inspect_setup
     output = root / "recommended.html"
     args = ["--model", str(root / "model"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl")]
     reference = ["--sstoken_history_model", str(root / "model")]  # stands in for run 1: the model it truncates by
-    run_inspect([*args, "--num_samples", "4", "--output", str(output), "--sstoken_recommended", "true", *reference])
-    config = SSTokenConfig.recommended()
+    two_runs = ["--sstoken_selector", "loss_truncation", "--sstoken_history", "model", "--sstoken_select_ratio", "0.8"]
+    two_runs += ["--sstoken_scope", "batch", "--sstoken_protect_response_end", "true"]
+    run_inspect([*args, "--num_samples", "4", "--output", str(output), *two_runs, *reference])
+    config = SSTokenConfig.recommended_two_runs()
     base = AutoModelForCausalLM.from_pretrained(root / "model")
     model = PeftModel.from_pretrained(base, root / "adapter").eval()
     batch = SSTokenCollator(tokenizer, max_length=1024)(rows[:4])

@@ -56,10 +56,10 @@ class SSTokenCallback(TrainerCallback):
                 "--sstoken_selector token_cleaning does both)."
             )
         self.history_model = history_model if history_model is not None else self.config.history_model
-        if self.config.history == "model" and self.history_model is None:
+        if self.config.history == "model" and self.history_model is None and uses_history(self.config):
             hint = ""
             if self.config.selector == "loss_truncation":
-                hint = " (run 1: a plain-SFT run on the same data; sstoken-train with sstoken_recommended trains it)"
+                hint = " (run 1: a plain-SFT run on the same data, e.g. sstoken-train with --sstoken_selector full)"
             raise ValueError(f"history='model' needs a history model: pass history_model=<path or model>{hint}.")
         self.trainer: Trainer | None = None
         self.selective_forward: SelectiveForward | None = None

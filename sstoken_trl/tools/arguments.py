@@ -119,8 +119,8 @@ class RunArguments:
         default=False,
         metadata={
             "help": "Start from SSTokenConfig.recommended() (docs/selectors.md) instead of the paper-exact settings: "
-            "loss truncation in two runs, run 1 (plain SFT) trained first into output_dir/reference unless "
-            "sstoken_history_model is given; sstoken_ keys you set still win."
+            "loss truncation inside one run, against the model being trained (no history model); sstoken_ keys "
+            "you set still win."
         },
     )
     sstoken_user_tag: str = field(

@@ -8,13 +8,10 @@ SFTTrainer trains with `SSTokenCallback`. Runs as is or under `accelerate launch
 
 from __future__ import annotations
 
-import copy
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import SFTTrainer, get_peft_config
@@ -32,7 +29,6 @@ from sstoken_trl.tools.visualize import render_html, summarize
 from sstoken_trl.trl_internals import fused_model
 
 SELECTION_PAGE = "selection.html"
-REFERENCE_RUN = "reference"  # folder under output_dir of the plain-SFT run that loss truncation reads
 # sstoken/* statistics that only mean something when the rule reads this signal (the others: always shown)
 METRIC_SIGNALS = {
     "rel_mean": "REL",
@@ -50,6 +46,13 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(
             "sstoken_history: base reads the base model by switching the LoRA adapters off, so it needs "
             "use_peft: true. For full fine-tuning use sstoken_history: model with sstoken_history_model: PATH."
+        )
+    if recipe.sstoken.selector == "loss_truncation" and not recipe.sstoken.history_model:
+        raise ValueError(
+            "sstoken_selector: loss_truncation reads run 1, a plain-SFT run on the same data, as its history model. "
+            "Train it first (sstoken-train --config RECIPE --sstoken_recommended false --sstoken_selector full "
+            "--output_dir RUN_1), then pass --sstoken_history_model RUN_1. The recommended selection "
+            "(sstoken_recommended: true) needs no second run."
         )
     if not recipe.model.model_name_or_path:
         raise ValueError("No model given: set model_name_or_path (a hub id or a local folder).")
@@ -106,29 +109,9 @@ def _run(recipe: Recipe) -> SFTTrainer:
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.run.sstoken_torch_threads or threads)
     try:
-        if recipe.sstoken.selector == "loss_truncation" and not recipe.sstoken.history_model:
-            recipe = with_reference_run(recipe)
         return _train(recipe)
     finally:
         torch.set_num_threads(threads)
-
-
-def with_reference_run(recipe: Recipe) -> Recipe:
-    """Loss truncation reads a plain-SFT run on the same data: train it into output_dir/reference (reused when a
-    model is saved there), and return the recipe with that run as its history model."""
-    folder = Path(recipe.training.output_dir) / REFERENCE_RUN
-    if not any((folder / name).is_file() for name in ("adapter_config.json", "config.json")):
-        if recipe.training.process_index == 0:
-            print(f"Loss truncation, run 1 of 2: plain SFT on the same data, into {folder}")
-        training = copy.deepcopy(recipe.training)
-        training.output_dir, training.resume_from_checkpoint = str(folder), None
-        _train(replace(recipe, training=training), plain=True)
-        PartialState().wait_for_everyone()  # every process reads run 1 once the main one has saved it
-    elif recipe.training.process_index == 0:
-        print(f"Loss truncation: reusing run 1 in {folder} (delete it to train it again)")
-    if recipe.training.process_index == 0:
-        print("Loss truncation, run 2 of 2: the same training on the tokens run 1 can fit")
-    return replace(recipe, sstoken=replace(recipe.sstoken, history_model=str(folder)))
 
 
 def ensure_demo_data(recipe: Recipe) -> None:
@@ -140,9 +123,8 @@ def ensure_demo_data(recipe: Recipe) -> None:
                 write_chitchat(path, run.sstoken_chitchat_conversations, run.sstoken_chitchat_max_turns)
 
 
-def _train(recipe: Recipe, plain: bool = False) -> SFTTrainer:
-    """One training run as the recipe says; `plain`: run 1 of loss truncation, TRL's SFT as it is (no selection,
-    no sstoken/* metrics, no report)."""
+def _train(recipe: Recipe) -> SFTTrainer:
+    """One training run as the recipe says."""
     training, model_args = recipe.training, recipe.model
     ensure_demo_data(recipe)
     train_raw, eval_raw = load_splits(recipe.script, recipe.data, with_eval=training.eval_strategy != "no")
@@ -166,9 +148,9 @@ def _train(recipe: Recipe, plain: bool = False) -> SFTTrainer:
         train_set = response_labels(train_raw, tokenizer, recipe)
         eval_set = response_labels(eval_raw, tokenizer, recipe)
     sstoken = recipe.sstoken
-    if sstoken.selector == "token_cleaning" and not plain:  # labels cleaned once here, then plain SFT on them
+    if sstoken.selector == "token_cleaning":  # labels cleaned once here, then plain SFT on them
         train_set, sstoken = clean_train_split(train_set, model, sstoken, training)
-    callback = SSTokenCallback(sstoken) if not plain else None
+    callback = SSTokenCallback(sstoken)
     trainer = SFTTrainer(
         model=model,
         args=training,
@@ -176,12 +158,10 @@ def _train(recipe: Recipe, plain: bool = False) -> SFTTrainer:
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[callback] if callback is not None else [],
+        callbacks=[callback],
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
-    if plain:  # run 1 of loss truncation: run 2 follows in the same processes
-        return trainer
     if trainer.is_world_process_zero():
         report(trainer, callback, tokenizer, recipe)
     if hasattr(trainer, "end"):

@@ -68,6 +68,18 @@ def _loss_truncation(config: SSTokenConfig, within: str, vocab_size: int | None)
     )
 
 
+def _self_truncation(config: SSTokenConfig, within: str) -> str:
+    end = ", never a response's last token" if config.protect_response_end else ""
+    c = config.surprise_nats
+    return (
+        f"a token is dropped when its loss under the model being trained exceeds that model's predictive entropy "
+        f"at the position by more than {c:g} nats (L_cur - H_cur > {c:g}: the token is {math.exp(c):.0f} times less "
+        f"likely than the model expects there); most surprising first, at most {1 - config.select_ratio:.0%} of "
+        f"{within} response tokens{end}. No history model and no extra forward. Score is the surprise "
+        "L_cur - H_cur in nats."
+    )
+
+
 def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history: bool = True) -> Rule:
     """The rule `config` selects by; `history` False: no history model was available (REL is 0)."""
     selector = get_selector(config.selector)
@@ -88,6 +100,8 @@ def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history:
         )
     elif config.selector == "loss_truncation":
         name, text = "loss truncation", _loss_truncation(config, within, vocab_size)
+    elif config.selector == "self_truncation":
+        name, text = "loss truncation in one run", _self_truncation(config, within)
     else:
         name, text = "ssToken", _sstoken(config, within[0].upper() + within[1:], vocab_size, history)
     if config.protect_response_end and config.selector == "sstoken":
