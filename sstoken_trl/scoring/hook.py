@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sstoken_trl.adapters import TESTED_FAMILIES, attention_module, decoder_layers
 from sstoken_trl.adapters.dispatch import intercept, model_attention, record_attn_call
@@ -130,13 +131,14 @@ def hook_scoring_layer(model: nn.Module, config: SSTokenConfig, probe: bool = Tr
     """Hook the attention module of decoder layer `config.attn_layer` of a causal LM (the one under PEFT).
 
     With `probe`, one no-grad forward of a single 8-token row proves now that the layer can be scored (else every
-    scored forward proves it: under FSDP a forward of the inner model alone is not possible). A family outside
-    TESTED_FAMILIES gets the on-the-spot check on its first scored micro-batch.
+    scored forward proves it: with parameters sharded by FSDP, as DTensors, a forward of the inner model alone is
+    not possible, so it is skipped there whatever `probe` says). A family outside TESTED_FAMILIES gets the
+    on-the-spot check on its first scored micro-batch.
     """
     layers = decoder_layers(model)
     layer = config.layer_index(len(layers))
     hook = AttnScoreHook(attention_module(layers[layer], layer), config.attn_backend, layer)
-    if probe:
+    if probe and not any(isinstance(p, DTensor) for p in model.parameters()):
         try:
             probe_forward(model, hook)
         except BaseException:
