@@ -151,6 +151,14 @@ ORACLE_AFTER = {name: float(name.rsplit("_", 1)[1]) for name in METHODS if name.
 REGIMES = ("overconfident", "calibrated", "redundant")
 
 
+def check_names(parser: argparse.ArgumentParser, args: argparse.Namespace, regimes: Any, methods: Any) -> None:
+    """Stop with the known names when --regimes or --methods names one that is not."""
+    for name, chosen, known in (("regimes", args.regimes, regimes), ("methods", args.methods, methods)):
+        unknown = set(chosen.split(",")) - set(known)
+        if unknown:
+            parser.error(f"unknown {name} {sorted(unknown)}; choose from {list(known)}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated subset of {','.join(REGIMES)}")
@@ -173,10 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--out", default="benchmarks/results/noisy_sft.json")
     args = p.parse_args(argv)
-    for name, chosen, known in (("regimes", args.regimes, REGIMES), ("methods", args.methods, METHODS)):
-        unknown = set(chosen.split(",")) - set(known)
-        if unknown:
-            p.error(f"unknown {name} {sorted(unknown)}; choose from {list(known)}")
+    check_names(p, args, REGIMES, METHODS)
     return args
 
 

@@ -137,10 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny random LLaMA with the real tokenizer (tests)")
     p.add_argument("--out", default="benchmarks/results/real_sft.json")
     args = p.parse_args(argv)
-    for name, chosen, known in (("regimes", args.regimes, REGIMES), ("methods", args.methods, METHODS)):
-        unknown = set(chosen.split(",")) - set(known)
-        if unknown:
-            p.error(f"unknown {name} {sorted(unknown)}; choose from {list(known)}")
+    noisy_sft.check_names(p, args, REGIMES, METHODS)
     args.train = args.train or args.steps * args.batch
     return args
 
