@@ -21,7 +21,7 @@ def test_step_cost_writes_every_variant(tmp_path):
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["machine"]["cpu_count"]
     variants = report["variants"]
-    assert list(variants) == ["sft", "online", "cached", "output_attentions"]
+    assert list(variants) == ["sft", "online", "cached", "output_attentions", "recommended"]
     for row in variants.values():
         assert "error" not in row and row["steps"] == 2
         for key in ("step_s", "time_ratio", "peak_bytes", "peak_ratio", "step_extra_bytes", "score_s", "collate_s"):
@@ -30,6 +30,7 @@ def test_step_cost_writes_every_variant(tmp_path):
     assert variants["online"]["score_s"] > 0 and variants["online"]["history_s"] > 0
     assert variants["cached"]["score_s"] > 0 and variants["output_attentions"]["score_s"] > 0
     assert variants["sft"]["score_s"] == 0
+    assert variants["recommended"]["score_s"] == 0 and variants["recommended"]["history_s"] == 0  # neither runs
 
 
 MINIMAL = ["--seeds", "0", "--train", "48", "--steps", "5", "--base-steps", "4", "--ref-steps", "2", "--eval", "12"]
