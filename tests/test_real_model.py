@@ -221,4 +221,5 @@ def test_the_smollm2_recipe_end_to_end_shortened(tmp_path, capsys):
     page = (tmp_path / "out" / "selection.html").read_text()
     assert '<span class="tok prompt">&lt;|im_start|&gt;</span>' in page  # ChatML, the model's own template
     assert page.count('class="tok kept"') > 0 and page.count('class="tok prompt"') > 0
-    assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in page.split("</title>", 1)[0]  # the page names the recipe's model
+    assert "ssToken selection of the last micro-batch: 2 samples" in capsys.readouterr().out
