@@ -220,6 +220,7 @@ def test_skip_policy_masks_and_counts(tok):
         "skipped_wrong_order": 1,
         "skipped_empty_response": 1,
         "skipped_no_labels": 1,
+        "skipped_unlocated_response": 0,
         "truncated": 0,
         "truncated_no_response": 0,
     }

@@ -52,7 +52,9 @@ class SSTokenCollator:
         max_length: keep the first `max_length` tokens of each sample. A sample whose responses are all cut off
             stays in the batch with no label (no loss, no NaN), is counted and warned about; never an error.
         on_bad_sample: "error" raises on a sample with nothing to train on (no assistant tag, assistant before
-            any user, empty response, all labels -100); "skip" keeps it in the batch fully masked and counts it.
+            any user, empty response, all labels -100, an assistant message a chat template without
+            `{% generation %}` markers renders beyond recognition); "skip" keeps it in the batch fully masked and
+            counts it.
         add_eos: close each template-text response with EOS when it does not already end with it.
         pad_to_multiple_of, return_position_ids: passed to TRL's collator.
 

@@ -25,13 +25,13 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from sstoken_trl.data.chat_spans import rendered_assistant_spans, span_mask
+from sstoken_trl.data.chat_spans import UnlocatedContent, rendered_assistant_spans, span_mask
 
 IGNORE_INDEX = -100
 RENDERED = "rendered"  # spans of a chat template without generation markers, from its rendered text
 USER_TAG = "<|User|>"
 ASSISTANT_TAG = "<|Assistant|>"
-BAD_REASONS = ("no_assistant", "wrong_order", "empty_response", "no_labels")
+BAD_REASONS = ("no_assistant", "wrong_order", "empty_response", "no_labels", "unlocated_response")
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,11 @@ class SpanFinder:
         kinds, responses = self._message_turns(messages)
         template = self._training_template()
         if template == RENDERED and _problem(kinds, responses, MESSAGE_NAMES) is None:
-            text, spans = rendered_assistant_spans(self.tokenizer, messages, tools)
+            try:
+                text, spans = rendered_assistant_spans(self.tokenizer, messages, tools)
+            except UnlocatedContent as err:
+                ids = self._ids(err.text)
+                raise BadSampleError("unlocated_response", str(err), Encoded(ids, [0] * len(ids))) from None
             out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             enc = Encoded(list(out["input_ids"]), span_mask(out["offset_mapping"], spans))
         else:
