@@ -83,6 +83,8 @@ BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_thres
 SELF_TRUNCATION = dict(selector="self_truncation", select_ratio=0.8, scope="batch", protect_response_end=True)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
+    "dft": dict(selector="full"),  # TRL's own loss_type="dft", no callback (LOSS_TYPES)
+    "entropy_weighted": dict(selector="entropy_weighted"),  # EAFT-like: each token's loss weighted by its entropy
     "full_x2": dict(selector="full"),  # plain SFT for twice the steps: the equal-compute partner of two runs
     "self_trunc_w0.1_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.1, surprise_nats=3.0),
     "self_trunc_w0.25_c3": dict(SELF_TRUNCATION, select_warmup_ratio=0.25, surprise_nats=3.0),
@@ -145,6 +147,8 @@ REFERENCES = {
     "token_cleaning_self": "self",
     "loss_truncation_self": "self",
 }
+# Peers that are plain TRL with another loss_type, trained without the ssToken callback.
+LOSS_TYPES = {"dft": "dft"}
 # Optimizer steps of a method's own run, in units of --steps (plain SFT at the compute of two runs).
 STEPS_FACTOR = {"full_x2": 2}
 ORACLE_AFTER = {name: float(name.rsplit("_", 1)[1]) for name in METHODS if name.startswith("oracle_after_")}
@@ -185,8 +189,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sft_args(out_dir: str, steps: int, batch: int, lr: float, seed: int, label_smoothing: float = 0.0) -> SFTConfig:
+def sft_args(
+    out_dir: str, steps: int, batch: int, lr: float, seed: int, label_smoothing: float = 0.0, loss_type: str = "nll"
+) -> SFTConfig:
     return SFTConfig(
+        loss_type=loss_type,
         output_dir=out_dir,
         max_steps=steps,
         per_device_train_batch_size=batch,
@@ -220,13 +227,18 @@ def train(
 
 
 class DropMeter(TrainerCallback):
-    """Counts, from the callback's selection of every micro-batch, the corrupted / clean / </s> tokens dropped."""
+    """Counts, from the callback's selection of every micro-batch, the corrupted / clean / </s> tokens dropped, and
+    the clean content tokens (the informative ones, where a sample flags them) among the clean. Without a callback
+    (a plain TRL run) nothing is dropped."""
 
-    KINDS = ("corrupted", "clean", "eos")
+    KINDS = ("corrupted", "clean", "eos", "content")
 
-    def __init__(self, sstoken: SSTokenCallback, samples: list[Sample], pad: int = PAD, eos: int = EOS) -> None:
+    def __init__(self, sstoken: SSTokenCallback | None, samples: list[Sample], pad: int = PAD, eos: int = EOS) -> None:
         self.sstoken, self.pad, self.eos = sstoken, pad, eos
-        self.flags = {tuple(s.input_ids): s.corrupted for s in samples}
+        self.flags = {
+            tuple(s.input_ids): (s.corrupted, getattr(s, "content", None) or [False] * len(s.corrupted))
+            for s in samples
+        }
         self.counts = {f"{kind}{part}": 0 for kind in self.KINDS for part in ("", "_dropped")}
         self._seen: object = None
 
@@ -237,17 +249,19 @@ class DropMeter(TrainerCallback):
         self.read()
 
     def read(self) -> None:
-        selection = self.sstoken.last_selection
+        selection = None if self.sstoken is None else self.sstoken.last_selection
         if selection is None or selection is self._seen:
             return
         self._seen = selection
         for ids, keep in zip(selection.input_ids.tolist(), selection.keep.tolist(), strict=True):
             while ids and ids[-1] == self.pad:
                 ids.pop()
-            flags = self.flags[tuple(ids)]
+            flags, content = self.flags[tuple(ids)]
             start = len(ids) - len(flags)  # the first response token; target position start - 1 predicts it
-            for token, corrupted, kept in zip(ids[start:], flags, keep[start - 1 : len(ids) - 1], strict=True):
-                for kind in ["corrupted" if corrupted else "clean"] + (["eos"] if token == self.eos else []):
+            targets = zip(ids[start:], flags, content, keep[start - 1 : len(ids) - 1], strict=True)
+            for token, corrupted, informative, kept in targets:
+                kinds = ["corrupted" if corrupted else "clean"] + (["eos"] if token == self.eos else [])
+                for kind in kinds + (["content"] if informative and not corrupted else []):
                     self.counts[kind] += 1
                     self.counts[f"{kind}_dropped"] += not kept
 
@@ -368,14 +382,16 @@ def fine_tune(name: str, regime: str, args: argparse.Namespace, seed: int, tmp: 
             batch_size=256,
         )
         data, reference = cleaned.to_list(), None
-    sstoken = SSTokenCallback(config, history_model=reference)
+    sstoken = None if name in LOSS_TYPES else SSTokenCallback(config, history_model=reference)
     meter = DropMeter(sstoken, rows)
-    callbacks: list[TrainerCallback] = [sstoken, meter]
+    callbacks: list[TrainerCallback] = [c for c in (sstoken, meter) if c is not None]
     if name in ORACLE_AFTER:
         callbacks.insert(0, OracleAfter(rows, round(ORACLE_AFTER[name] * args.steps)))
     t0 = time.perf_counter()
     steps = args.steps * STEPS_FACTOR.get(name, 1)
-    sft = sft_args(f"{tmp}/{regime}-{seed}-{name}", steps, args.batch, args.lr, seed)
+    sft = sft_args(
+        f"{tmp}/{regime}-{seed}-{name}", steps, args.batch, args.lr, seed, loss_type=LOSS_TYPES.get(name, "nll")
+    )
     base = fresh(torch.load(f"{tmp}/base-{regime}.pt"))
     trainer = train(base, data, sft, build_tokenizer(), peft_config=lora(args), callbacks=callbacks)
     seconds = time.perf_counter() - t0

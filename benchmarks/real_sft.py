@@ -63,10 +63,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from benchmarks import noisy_sft
+from benchmarks.knowledge_task import FactsTask, SumsTask
 from benchmarks.noisy_report import summary
 from benchmarks.noisy_task import oracle_row
 from benchmarks.real_report import print_report
-from benchmarks.real_task import REGIMES, ChatSample, ChatTask, clean_loss, greedy_exact_match
+from benchmarks.real_task import ChatSample, ChatTask, ReversalTask, clean_loss, greedy_exact_match
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.loading import resolve_model
@@ -116,6 +117,8 @@ DEFAULT_METHODS = (
     "oracle",
 )
 RUN1 = "full"
+TASKS = (ReversalTask, FactsTask, SumsTask)
+REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,18 +180,22 @@ def load(folder: Path) -> tuple[PreTrainedModel, Any]:
 # --- data, training, evaluation -----------------------------------------------------------------------------------
 
 
+def task_for(regime: str, tokenizer: Any) -> ChatTask:
+    return REGIMES[regime](tokenizer)
+
+
 def held_out(task: ChatTask, regime: str, args: argparse.Namespace) -> list[ChatSample]:
-    return task.make("redundant" if regime == "redundant" else "clean", args.eval, 0.0, random.Random(10_000))
+    return task.held_out(regime, args.eval)
 
 
 def training_data(task: ChatTask, regime: str, args: argparse.Namespace, seed: int) -> list[ChatSample]:
-    avoid = frozenset(s.words for s in held_out(task, "clean", args))
+    avoid = task.held_out_keys(held_out(task, regime, args))
     return task.make(regime, args.train, args.noise, random.Random(seed), avoid)
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, samples: list[ChatSample], regime: str) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, tokenizer: Any, samples: list[ChatSample]) -> dict[str, float]:
     return {
-        "accuracy": greedy_exact_match(model, tokenizer, samples, filler=regime == "redundant"),
+        "accuracy": greedy_exact_match(model, tokenizer, samples),
         "clean_loss": clean_loss(model, samples, tokenizer.pad_token_id),
     }
 
@@ -209,7 +216,7 @@ def reference_model(folder: Path, run1: Path) -> PreTrainedModel:
 def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run of `name` (run 1 of a two-run method must exist): held-out metrics, drops, steps and seconds."""
     method, folder = METHODS[name], model_folder(args)
-    task = ChatTask(load_tokenizer(folder))
+    task = task_for(regime, load_tokenizer(folder))
     samples = training_data(task, regime, args, seed)
     run1 = run1_dir(args, folder, regime, seed, samples)
     if name == RUN1 and (run1 / "result.json").is_file():
@@ -223,16 +230,17 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         cleaned, _ = clean_tokens(Dataset.from_list(rows), load(folder)[0], reference, args.select_ratio, 32)
         rows, reference = cleaned.to_list(), None
     config = SSTokenConfig(**{"select_ratio": args.select_ratio, **method.config, "seed": seed})
-    sstoken = SSTokenCallback(config, history_model=reference)
+    plain = name in noisy_sft.LOSS_TYPES  # a peer TRL offers itself: its loss_type, no callback
+    sstoken = None if plain else SSTokenCallback(config, history_model=reference)
     meter = noisy_sft.DropMeter(sstoken, samples, pad=tokenizer.pad_token_id, eos=task.end_id)
     steps = args.steps * method.steps_factor
     with tempfile.TemporaryDirectory(prefix="sstoken-real-") as tmp:
-        sft = noisy_sft.sft_args(tmp, steps, args.batch, args.lr, seed)
-        callbacks: list[TrainerCallback] = [sstoken, meter]
+        sft = noisy_sft.sft_args(tmp, steps, args.batch, args.lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll"))
+        callbacks: list[TrainerCallback] = [c for c in (sstoken, meter) if c is not None]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
-        **evaluate(trainer.model, tokenizer, held_out(task, regime, args), regime),
+        **evaluate(trainer.model, tokenizer, held_out(task, regime, args)),
         **meter.shares(),
         "optimizer_steps": method.optimizer_steps(args.steps),
         "train_seconds": seconds,
@@ -253,7 +261,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
 
 def base_eval(regime: str, args: argparse.Namespace) -> dict[str, float]:
     model, tokenizer = load(model_folder(args))
-    return evaluate(model, tokenizer, held_out(ChatTask(tokenizer), regime, args), regime)
+    return evaluate(model, tokenizer, held_out(task_for(regime, tokenizer), regime, args))
 
 
 # --- scheduling and the results file --------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""Word reversal in a real chat template: samples with known noise, and held-out exact match / clean loss.
+"""Tasks of the real-model benchmark, asked in the model's own chat template: samples with known noise, held-out checks.
 
-A prompt asks, in the model's own chat template, "Reverse the order of these words: tiger, candle, river." and the
-answer is "river, candle, tiger." (3-5 distinct common English nouns from WORDS). SmolLM2-135M-Instruct does not
-solve it (it paraphrases, or repeats the words in their order) but learns it with a LoRA in well under 100 steps:
-the answer is checkable by string equality, and every answer word is a copy of a prompt word, so the attention
-to the prompt carries information.
+Word reversal (this file): a prompt asks "Reverse the order of these words: tiger, candle, river." and the answer is
+"river, candle, tiger." (3-5 distinct common English nouns from WORDS). SmolLM2-135M-Instruct does not solve it (it
+paraphrases, or repeats the words in their order) but learns it with a LoRA in well under 100 steps: the answer is
+checkable by string equality, and every answer word is a copy of a prompt word, so the attention to the prompt
+carries information. New facts and sums, whose informative tokens are surprising by nature:
+benchmarks/knowledge_task.py.
 
-Regimes (how the training responses are built; held-out responses are always clean):
+Word-reversal regimes (how the training responses are built; held-out responses are always clean):
   clean      the answer as it is.
   corrupted  each answer word is substituted, with probability `noise`, by another word not in the prompt.
   wrong      a share `noise` of the responses is the answer of another training sample (a different question).
@@ -14,21 +15,22 @@ Regimes (how the training responses are built; held-out responses are always cle
              this helps!" (opening and closing drawn at random); the scored answer is the text between the
              first ':' and the following '.', in training and in evaluation.
 `Sample.corrupted` flags the substituted words, the wrong answers or the filler (what the oracle masks);
-`Sample.answer` flags the tokens the held-out loss is scored on (None: the whole response, end token included).
+`Sample.answer` flags the tokens the held-out loss is scored on (None: the whole response, end token included);
+`ChatSample.content` flags the informative tokens (the answer words, a fact's name, a sum's digits).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from benchmarks.noisy_task import Sample
 
-REGIMES = ("corrupted", "wrong", "redundant", "clean")
 WORDS = (
     "apple river candle tiger stone window garden pencil rabbit mirror forest bottle castle dragon ladder pillow "
     "wagon violin turtle basket hammer island jacket kettle lemon monkey needle orange parrot rocket saddle tomato "
@@ -47,9 +49,21 @@ SYSTEM = "You are a helpful assistant."  # shorter than the template's default s
 CLOSINGS = (" Hope this helps!", " Let me know if you need anything else.", " Have a nice day!", "")
 
 
+class Part(NamedTuple):
+    """A piece of a response: its text, and whether it is noise (flagged), scored by the held-out loss, content."""
+
+    text: str
+    flagged: bool = False
+    scored: bool = True
+    content: bool = False
+
+
 @dataclass
 class ChatSample(Sample):
-    words: tuple[str, ...] = ()  # the prompt's words: the clean answer is them reversed
+    words: tuple[str, ...] = ()  # what the prompt asks about: the words to reverse, the resident, the two numbers
+    expected: str = ""  # what a correct reply gives: the whole answer, or the part `check` reads
+    check: str = "exact"  # how a reply is judged against `expected` (CHECKS)
+    content: list[bool] | None = None  # per response token: informative (the answer words, a name, digits)
 
 
 def question(words: Sequence[str]) -> str:
@@ -70,8 +84,28 @@ def answer_text(reply: str, filler: bool) -> str:
     return answer.strip() + dot if colon else ""
 
 
+def last_number(reply: str) -> str:
+    numbers = re.findall(r"-?\d+", reply)
+    return numbers[-1] if numbers else ""
+
+
+# How a greedy reply is judged: equal to the answer, its filler-wrapped answer equal, the fact named, the sum given.
+CHECKS = {
+    "exact": lambda reply, expected: answer_text(reply, False) == expected,
+    "filler": lambda reply, expected: answer_text(reply, True) == expected,
+    "contains": lambda reply, expected: expected in reply,
+    "last_number": lambda reply, expected: last_number(reply) == expected,
+}
+
+
+def is_correct(reply: str, sample: ChatSample) -> bool:
+    return CHECKS[sample.check](reply, sample.expected)
+
+
 class ChatTask:
-    """Builds tokenised samples of one regime with the model's chat template and tokenizer."""
+    """Builds tokenised samples with the model's chat template and tokenizer; a task subclass says what to ask."""
+
+    REGIMES: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: Any, end_token: str = "<|im_end|>", system: str = SYSTEM) -> None:
         self.tokenizer, self.system = tokenizer, system
@@ -84,25 +118,52 @@ class ChatTask:
         chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
-    def sample(self, words: tuple[str, ...], parts: Sequence[tuple[str, bool, bool]]) -> ChatSample:
-        """The sample of `words` whose response is the concatenated `parts` (text, flagged, scored) and the end
-        token; a token takes the flags of the part that holds its last character."""
-        text = "".join(p for p, _, _ in parts)
-        owner: list[tuple[bool, bool]] = []
-        for part, flagged, scored in parts:
-            owner += [(flagged, scored)] * len(part)
+    def sample(self, prompt: str, parts: Sequence[Part], **fields: Any) -> ChatSample:
+        """The sample asking `prompt` whose response is the concatenated `parts` and the end token; a token takes
+        the flags of the part that holds its last character."""
+        text = "".join(p.text for p in parts)
+        owner: list[Part] = []
+        for part in parts:
+            owner += [part] * len(part.text)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        flags, scored = zip(*(owner[max(hi, lo + 1) - 1] for lo, hi in enc["offset_mapping"]), strict=True)
+        owners = [owner[max(hi, lo + 1) - 1] for lo, hi in enc["offset_mapping"]]
+        scored = [p.scored for p in owners]
         answer = None if all(scored) else [*scored, False]
         ids = [*enc["input_ids"], self.end_id]
-        return ChatSample(self.prompt_ids(question(words)), ids, [*flags, False], answer, words)
+        flags, content = [p.flagged for p in owners] + [False], [p.content for p in owners] + [False]
+        return ChatSample(self.prompt_ids(prompt), ids, flags, answer, content=content, **fields)
+
+    def check_regime(self, regime: str) -> None:
+        if regime not in self.REGIMES:
+            raise ValueError(f"unknown regime {regime!r} for {type(self).__name__}; choose from {self.REGIMES}")
+
+    def make(
+        self, regime: str, n: int, noise: float, rng: random.Random, avoid: frozenset = frozenset()
+    ) -> list[ChatSample]:
+        raise NotImplementedError
+
+    def held_out(self, regime: str, n: int) -> list[ChatSample]:
+        """Clean held-out samples of the regime's task (prompts never trained on)."""
+        raise NotImplementedError
+
+    def held_out_keys(self, samples: Sequence[ChatSample]) -> frozenset:
+        """What training prompts must avoid so that held-out prompts stay unseen (`make` reads it as `avoid`)."""
+        return frozenset(s.words for s in samples)
+
+
+class ReversalTask(ChatTask):
+    """Reverse a list of 3-5 nouns (module docstring)."""
+
+    REGIMES = ("corrupted", "wrong", "redundant", "clean")
+
+    def held_out(self, regime: str, n: int) -> list[ChatSample]:
+        return self.make("redundant" if regime == "redundant" else "clean", n, 0.0, random.Random(10_000))
 
     def make(
         self, regime: str, n: int, noise: float, rng: random.Random, avoid: frozenset = frozenset()
     ) -> list[ChatSample]:
         """n samples of `regime` (prompts whose word tuples are not in `avoid`)."""
-        if regime not in REGIMES:
-            raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
+        self.check_regime(regime)
         prompts: list[tuple[str, ...]] = []
         while len(prompts) < n:
             words = tuple(rng.sample(WORDS, rng.randint(3, 5)))
@@ -122,21 +183,22 @@ class ChatTask:
                 answer, flags = list(reversed(other)), [True] * len(other)
             parts = []
             for i, (word, bad) in enumerate(zip(answer, flags, strict=True)):
-                parts += [(", ", False, True)] if i else []
-                parts.append((word, bad, True))
-            parts.append((".", False, True))
+                parts += [Part(", ")] if i else []
+                parts.append(Part(word, flagged=bad, content=True))
+            parts.append(Part("."))
+            check = "exact"
             if regime == "redundant":
                 opening, closing = rng.choice(OPENINGS), rng.choice(CLOSINGS)
-                parts = [(opening, True, False), (" ", True, False), *parts, (closing, True, False)]
-            out.append(self.sample(words, parts))
+                parts = [Part(opening, True, False), Part(" ", True, False), *parts, Part(closing, True, False)]
+                check = "filler"
+            out.append(self.sample(question(words), parts, words=words, expected=reversed_answer(words), check=check))
         return out
 
 
-def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, samples: Sequence[ChatSample], filler: bool) -> float:
-    """Share of prompts whose greedy reply (up to the end token) has the clean answer as its scored answer."""
+def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, samples: Sequence[ChatSample]) -> float:
+    """Share of prompts whose greedy reply (up to the end token) is correct by the sample's own check."""
     replies = greedy_replies(model, tokenizer, samples)
-    right = [answer_text(r, filler) == reversed_answer(s.words) for r, s in zip(replies, samples, strict=True)]
-    return sum(right) / len(samples)
+    return sum(is_correct(r, s) for r, s in zip(replies, samples, strict=True)) / len(samples)
 
 
 @torch.no_grad()

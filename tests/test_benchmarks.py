@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from benchmarks import noise_probe, noisy_sft, real_sft, real_task, step_cost
+from benchmarks.knowledge_task import FactsTask, SumsTask, residents
 from benchmarks.noisy_report import compute_table, plain_partner
-from benchmarks.real_task import ChatTask
+from benchmarks.real_task import ReversalTask
 
 
 def test_step_cost_writes_every_variant(tmp_path):
@@ -134,8 +135,8 @@ def tiny_folder(tmp_path_factory):
 
 def test_real_task_flags_exactly_the_noise(tiny_folder):
     _, tokenizer = real_sft.load(tiny_folder)
-    task = ChatTask(tokenizer)
-    for regime in real_task.REGIMES:
+    task = ReversalTask(tokenizer)
+    for regime in task.REGIMES:
         samples = task.make(regime, 60, 0.3, random.Random(1))
         for s in samples:
             assert s.response[-1] == task.end_id and not s.corrupted[-1]
@@ -166,9 +167,61 @@ def test_real_task_flags_exactly_the_noise(tiny_folder):
             assert share > 0.5  # corrupted: 3-5 words at 30% each; redundant: every response has filler
 
 
+def test_new_facts_ask_each_resident_in_every_form_and_flag_exactly_the_wrong_towns(tiny_folder):
+    _, tokenizer = real_sft.load(tiny_folder)
+    task, world = FactsTask(tokenizer), dict(residents())
+    assert len(set(world.values())) == len(world)  # every town names one resident
+    for regime in task.REGIMES:
+        samples = task.make(regime, 5 * len(world), 0.3, random.Random(1))
+        asked = {}
+        for s in samples:
+            (name,) = s.words
+            text = tokenizer.decode(s.response[:-1])
+            town = tokenizer.decode([t for t, c in zip(s.response, s.content, strict=True) if c]).strip()
+            flagged = tokenizer.decode([t for t, bad in zip(s.response, s.corrupted, strict=True) if bad]).strip()
+            assert town in text and name in tokenizer.decode(s.prompt) and s.expected == world[name]
+            assert flagged == ("" if town == world[name] else town)  # the wrong town's tokens, nothing else
+            assert town in world.values()
+            asked.setdefault(name, set()).add(tokenizer.decode(s.prompt))
+        assert all(len(prompts) == 5 for prompts in asked.values())  # five question forms per resident
+        wrong = sum(any(s.corrupted) for s in samples) / len(samples)
+        assert wrong == 0 if regime == "new_facts" else 0.15 < wrong < 0.45
+    held = task.held_out("new_facts", 80)
+    assert sorted(s.words[0] for s in held) == sorted(world)  # every resident once, in a form never trained on
+    trained = {tokenizer.decode(s.prompt) for s in task.make("new_facts", 5 * len(world), 0.0, random.Random(0))}
+    assert not trained & {tokenizer.decode(s.prompt) for s in held}
+    for s in held:
+        scored = tokenizer.decode([t for t, a in zip(s.response, s.answer, strict=True) if a]).strip()
+        assert scored == s.expected and real_task.is_correct(f"I think {s.expected}.", s)
+        assert not real_task.is_correct("I do not know.", s)
+
+
+def test_sums_flag_exactly_the_wrong_sums_and_hold_out_their_pairs(tiny_folder):
+    _, tokenizer = real_sft.load(tiny_folder)
+    task = SumsTask(tokenizer)
+    held = task.held_out("sums", 40)
+    avoid = task.held_out_keys(held)
+    for regime in task.REGIMES:
+        samples = task.make(regime, 200, 0.3, random.Random(1), avoid)
+        for s in samples:
+            a, b = map(int, s.words)
+            text = tokenizer.decode(s.response[:-1])
+            said = tokenizer.decode([t for t, c in zip(s.response, s.content, strict=True) if c])
+            assert text == f"{a} + {b} = {said}." and s.expected == str(a + b) and s.words not in avoid
+            flagged = tokenizer.decode([t for t, bad in zip(s.response, s.corrupted, strict=True) if bad])
+            assert flagged == ("" if int(said) == a + b else said)  # the wrong sum's digits, nothing else
+            assert int(said) == a + b or 1 <= abs(int(said) - a - b) <= 10
+        wrong = sum(any(s.corrupted) for s in samples) / len(samples)
+        assert wrong == 0 if regime == "sums" else 0.15 < wrong < 0.45
+    for s in held:
+        scored = tokenizer.decode([t for t, a in zip(s.response, s.answer, strict=True) if a])
+        assert scored == s.expected and real_task.is_correct(f"It is {s.expected}.", s)
+        assert not real_task.is_correct(f"{s.words[0]} + {s.words[1]} = {int(s.expected) + 1}.", s)
+
+
 def test_real_task_loss_and_replies_match_a_plain_loop(tiny_folder):
     model, tokenizer = real_sft.load(tiny_folder)
-    task = ChatTask(tokenizer)
+    task = ReversalTask(tokenizer)
     samples = task.make("redundant", 4, 0.0, random.Random(2))
     nll, count = 0.0, 0
     for s in samples:  # one unpadded sample at a time
@@ -225,7 +278,7 @@ def test_real_sft_help_documents_every_regime(capsys):
     with pytest.raises(SystemExit):
         real_sft.parse_args(["--help"])
     text = capsys.readouterr().out
-    for regime in real_task.REGIMES:
+    for regime in real_sft.REGIMES:
         assert f"  {regime} " in text
     with pytest.raises(SystemExit):
         real_sft.parse_args(["--methods", "full,magic"])

@@ -70,7 +70,8 @@ def test_gamma_one_ranks_by_rel_alone_and_gamma_zero_by_attention_alone():
 
 
 def test_each_selector_asks_only_for_the_signals_it_uses():
-    needs = {name: (s.needs_history(0.5), s.needs_attention(0.5)) for name, s in SELECTORS.items()}
+    config = SSTokenConfig()
+    needs = {name: (s.needs_history(config, 0.5), s.needs_attention(config, 0.5)) for name, s in SELECTORS.items()}
     assert needs == {
         "sstoken": (True, True),
         "full": (False, False),
@@ -78,9 +79,11 @@ def test_each_selector_asks_only_for_the_signals_it_uses():
         "rho1": (True, False),
         "loss_truncation": (True, False),
         "self_truncation": (False, False),
+        "entropy_weighted": (False, False),
     }
-    assert not SELECTORS["sstoken"].needs_history(0.0) and SELECTORS["sstoken"].needs_attention(0.0)
-    assert SELECTORS["sstoken"].needs_history(1.0) and not SELECTORS["sstoken"].needs_attention(1.0)
+    sstoken = SELECTORS["sstoken"]
+    assert not sstoken.needs_history(config, 0.0) and sstoken.needs_attention(config, 0.0)
+    assert sstoken.needs_history(config, 1.0) and not sstoken.needs_attention(config, 1.0)
 
 
 def test_full_keeps_every_response_token_and_the_budget_counts_them_all():

@@ -37,7 +37,8 @@ def test_selector_keeps_what_a_plain_loop_keeps(scope, rho, protect, c):
     assert 0 < keep[layout.response].sum() < layout.response.sum()  # some tokens were truncated, not all
     assert torch.allclose(score[layout.response], surprise[layout.response])
     assert budget_ratio(config) == 1.0
-    assert not SELECTORS["self_truncation"].needs_history(1.0) and not SELECTORS["self_truncation"].needs_attention(0.0)
+    selector = SELECTORS["self_truncation"]
+    assert not selector.needs_history(config, 1.0) and not selector.needs_attention(config, 0.0)
 
 
 def test_bad_threshold_is_refused():

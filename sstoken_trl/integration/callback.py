@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.guards import check_runtime, shards_parameters
-from sstoken_trl.integration.selective_forward import STAT_NAMES, BatchSelection, SelectiveForward, uses_attention
+from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward, uses_attention
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import SelectionBudget
 from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, budget_ratio, uses_history
@@ -133,14 +134,8 @@ class SSTokenCallback(TrainerCallback):
                 "or the model forward was replaced after training started."
             )
         trainer = self.trainer
-        stats = trainer.accelerator.reduce(stats, reduction="sum").tolist()
-        values = dict(zip(STAT_NAMES, stats, strict=True))
-        n, kept = max(values["response_tokens"], 1.0), max(values["kept_tokens"], 1.0)
-        append_metric(trainer, "sstoken/selected_fraction", values["kept_tokens"] / n)
-        append_metric(trainer, "sstoken/rel_mean", values["rel_sum"] / n)
-        append_metric(trainer, "sstoken/attn_score_mean", values["attn_score_sum"] / n)
-        append_metric(trainer, "sstoken/kept_by_attention_fraction", values["kept_by_attention"] / kept)
-        append_metric(trainer, "sstoken/nonfinite_rel_tokens", values["nonfinite_rel"])
+        for name, value in reduce_stats(trainer, stats).items():
+            append_metric(trainer, f"sstoken/{name}", value)
         # Running totals of a collator that counts bad or truncated samples (SSTokenCollator.counts).
         for key, total in getattr(self._collate_fn, "counts", {}).items():
             set_metric(trainer, f"sstoken/{key}", total)
@@ -161,6 +156,22 @@ class SSTokenCallback(TrainerCallback):
         for undo in reversed(self._undo):
             undo()
         self._undo = []
+
+
+def reduce_stats(trainer: Trainer, stats: dict[str, tuple[Any, Any]]) -> dict[str, float]:
+    """Each statistic summed over the step's micro-batches and every process: a mean (sum over count, left out where
+    the count is 0, e.g. the surprise of dropped tokens when none was dropped) or a count."""
+    names = sorted(stats)  # the same names on every process: one selector, one step
+    sums = torch.stack([stats[n][0] for n in names] + [stats[n][1] for n in names if stats[n][1] is not None])
+    sums = trainer.accelerator.reduce(sums.float(), reduction="sum").tolist()
+    values, counts = sums[: len(names)], iter(sums[len(names) :])
+    out = {}
+    for name, value in zip(names, values, strict=True):
+        if stats[name][1] is None:
+            out[name] = value
+        elif (count := next(counts)) > 0:
+            out[name] = value / count
+    return out
 
 
 __all__ = ["SSTokenCallback"]

@@ -20,16 +20,7 @@ from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.budget import REAL_LABELS, WARMUP_ROWS
 from sstoken_trl.selection.equations import rel
-from sstoken_trl.selection.selectors import Signals, get_selector, micro_batch_seed, ranked_rel
-
-STAT_NAMES = (
-    "response_tokens",
-    "kept_tokens",
-    "rel_sum",
-    "attn_score_sum",
-    "kept_by_attention",
-    "nonfinite_rel",
-)
+from sstoken_trl.selection.selectors import Selection, Signals, Stats, get_selector, micro_batch_seed, ranked_rel
 
 
 @dataclass
@@ -51,7 +42,7 @@ class BatchSelection:
 def uses_attention(config: SSTokenConfig, max_steps: int) -> bool:
     """Whether the selector reads AttnScore at some step: at config.gamma, or at gamma 0 during the REL warm-up."""
     needs = get_selector(config.selector).needs_attention
-    return needs(config.gamma) or (config.rel_warmup(max_steps) > 0 and needs(0.0))
+    return needs(config, config.gamma) or (config.rel_warmup(max_steps) > 0 and needs(config, 0.0))
 
 
 class SelectiveForward:
@@ -75,7 +66,7 @@ class SelectiveForward:
         self.select_warmup = config.select_warmup(max_steps)
         self.vocab_size = vocab_size
         self.calls = 0
-        self.stats: torch.Tensor | None = None
+        self.stats: Stats = {}
         self.last: BatchSelection | None = None
 
     def gamma(self) -> float:
@@ -98,11 +89,11 @@ class SelectiveForward:
         gamma = self.gamma()
         selector = get_selector(self.config.selector)
         selecting = self.global_step >= self.select_warmup  # before: every row is a warm-up row
-        needs_history = self.history is not None and selector.needs_history(gamma) and selecting
+        needs_history = self.history is not None and selector.needs_history(self.config, gamma) and selecting
         logp_his = self.history.log_probs(self.forward, kwargs) if needs_history else None
         if self.history is not None:
             self.history.strip_batch(kwargs)  # fields the history source added; the model must not see them
-        attending = selector.needs_attention(gamma) and selecting
+        attending = selector.needs_attention(self.config, gamma) and selecting
         if attending:
             self.hook.arm(layout)
         out = self.forward(*args, fused_lm_head=True, **kwargs)
@@ -112,16 +103,23 @@ class SelectiveForward:
         seed = micro_batch_seed(self.config.seed, self.global_step, self.calls)
         entropy = out.entropy.detach() if out.entropy is not None else None
         signals = Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size, entropy)
-        score, keep, keep_rel = selector.select(self.config, signals)
-        keep, keep_rel = keep | warm, keep_rel | warm
-        self._record(kwargs, layout, ranked_rel(self.config, signals), attn, score, keep, keep_rel)
-        return self._masked(out, keep)
+        if selecting:
+            selection = selector.select(self.config, signals)
+        else:  # the selection warm-up: every response token, nothing read
+            selection = Selection(torch.zeros_like(logp_cur), layout.response)
+        keep, keep_rel = selection.keep | warm, selection.keep_rel | warm
+        weight = None if selection.weight is None else torch.where(warm, 1.0, selection.weight)
+        stats = {"selected_fraction": (keep.sum(), layout.response.sum()), **selection.stats}
+        self._record(kwargs, layout, ranked_rel(self.config, signals), attn, selection.score, keep, keep_rel, stats)
+        return self._masked(out, keep, weight)
 
     @staticmethod
-    def _masked(out: Any, keep: torch.Tensor) -> Any:
-        """The fused output restricted to kept tokens: TRL's loss and metrics then cover those alone."""
+    def _masked(out: Any, keep: torch.Tensor, weight: torch.Tensor | None = None) -> Any:
+        """The fused output restricted to kept tokens, each log-prob scaled by its loss weight when the selector
+        weighs tokens: TRL's loss and metrics then cover those alone."""
         zero = torch.zeros((), dtype=out.log_probs.dtype, device=keep.device)
-        log_probs = torch.where(keep, out.log_probs, zero)
+        weighted = out.log_probs if weight is None else out.log_probs * weight.to(out.log_probs.dtype)
+        log_probs = torch.where(keep, weighted, zero)
         fields = {"log_probs": log_probs, "label_mask": keep}
         for name in ("entropy", "is_top1", "log_sum_sq_probs", "mean_logits"):
             value = getattr(out, name)
@@ -139,27 +137,18 @@ class SelectiveForward:
         score: torch.Tensor,
         keep: torch.Tensor,
         keep_rel: torch.Tensor,
+        stats: Stats,
     ) -> None:
-        response = layout.response
-        finite_rel = torch.where(response & rel_values.isfinite(), rel_values, 0.0)
-        stats = torch.stack(
-            [
-                response.sum(),
-                keep.sum(),
-                finite_rel.sum(),
-                (attn * response).sum(),
-                (keep & ~keep_rel).sum(),
-                (response & ~rel_values.isfinite()).sum(),
-            ]
-        ).float()
-        self.stats = stats if self.stats is None else self.stats + stats
+        for name, (value, count) in stats.items():
+            total, total_count = self.stats.get(name, (0.0, None if count is None else 0.0))
+            self.stats[name] = (value.float() + total, None if count is None else count.float() + total_count)
         self.calls += 1
         self.last = BatchSelection(
             input_ids=inputs["input_ids"].detach(),
             labels=inputs["labels"].detach(),
             real=layout.real,
             doc=layout.doc,
-            response=response,
+            response=layout.response,
             rel=rel_values,
             attn_score=attn,
             score=score,
@@ -167,8 +156,9 @@ class SelectiveForward:
             keep_rel=keep_rel,
         )
 
-    def take_stats(self) -> tuple[int, torch.Tensor | None]:
-        """(micro-batches seen, summed statistics) since the last call, and reset them."""
+    def take_stats(self) -> tuple[int, Stats]:
+        """(micro-batches seen, summed statistics: name -> (sum, count, or None for a count)) since the last call,
+        and reset them."""
         calls, stats = self.calls, self.stats
-        self.calls, self.stats = 0, None
+        self.calls, self.stats = 0, {}
         return calls, stats

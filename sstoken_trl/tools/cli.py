@@ -23,19 +23,11 @@ from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
 from sstoken_trl.tools.chitchat import write_chitchat
-from sstoken_trl.tools.describe import describe_rule
 from sstoken_trl.tools.loading import load_model, load_splits, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
 from sstoken_trl.trl_internals import fused_model
 
 SELECTION_PAGE = "selection.html"
-# sstoken/* statistics that only mean something when the rule reads this signal (the others: always shown)
-METRIC_SIGNALS = {
-    "rel_mean": "REL",
-    "nonfinite_rel_tokens": "REL",
-    "attn_score_mean": "AttnScore",
-    "kept_by_attention_fraction": "AttnScore",
-}
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -86,13 +78,8 @@ def report(trainer: SFTTrainer, callback: SSTokenCallback, tokenizer: PreTrained
     page.write_text(html, encoding="utf-8")
     logged = [entry for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
     print(summarize(selection, tokenizer, recipe.sstoken, vocab_size, page=str(page)))
-    if logged:
-        columns = describe_rule(recipe.sstoken, vocab_size).columns
-        shown = {
-            k.split("/")[1]: v
-            for k, v in logged[-1].items()
-            if k.startswith("sstoken/") and METRIC_SIGNALS.get(k.split("/")[1], "Score") in (*columns, "Score")
-        }
+    if logged:  # each selector logs the signals it read: every sstoken/* statistic means something
+        shown = {k.split("/")[1]: v for k, v in logged[-1].items() if k.startswith("sstoken/")}
         stats = ", ".join(f"{name} {v:.3f}" for name, v in shown.items())
         print(f"  last logged step {logged[-1].get('step', '?')}: {stats}")
     print(f"Adapter and tokenizer: {recipe.training.output_dir}")

@@ -109,9 +109,9 @@ def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history:
     if config.select_warmup_ratio:
         text += f" The first {config.select_warmup_ratio:.0%} of the steps train on every response token."
     columns = []
-    if history and selector.needs_history(config.gamma):
+    if history and selector.needs_history(config, config.gamma):
         columns.append("REL")
-    if selector.needs_attention(config.gamma):
+    if selector.needs_attention(config, config.gamma):
         columns.append("AttnScore")
     if not selector.keeps_all:
         columns.append("Score")
