@@ -18,7 +18,7 @@ from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistorySource
 from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import Layout, batch_layout
-from sstoken_trl.selection.budget import REAL_LABELS, WARMUP_ROWS
+from sstoken_trl.selection.budget import REAL_LABELS, take_warm_rows
 from sstoken_trl.selection.equations import rel
 from sstoken_trl.selection.selectors import Signals, get_selector, micro_batch_seed, ranked_rel
 
@@ -92,7 +92,7 @@ class SelectiveForward:
                 "compute_loss). ssToken refuses to train plain SFT silently; use the default SFT loss."
             )
         kwargs["labels"] = real_labels
-        warm_rows = kwargs.pop(WARMUP_ROWS, None)
+        warm_rows = take_warm_rows(kwargs, self.global_step, self.select_warmup)
         layout = batch_layout(real_labels, kwargs.get("attention_mask"), kwargs.get("position_ids"))
         selected, warm = layout.without_rows(warm_rows)  # warm-up rows keep every response token
         gamma = self.gamma()
