@@ -7,12 +7,16 @@ A TRL or transformers upgrade means checking this file. Read off trl 1.16 and tr
   of the model under PEFT, and its metrics live in `trainer._metrics`;
 - checkpoints are saved as `output_dir/checkpoint-{global_step}`;
 - accelerate's prepared data loaders delegate to the DataLoader they wrap, which holds the collate function;
+- at the start of each optimizer step, `Trainer.get_batch_samples` fetches the step's micro-batches and counts
+  their labels (`num_items_in_batch`) through `Trainer._get_num_items_in_batch`, before `on_step_begin` and with
+  `state.global_step` already the step's (also on resume, after the skipped batches);
 - TRL's own collator is not exported at the package top level.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ __all__ = [
     "DataCollatorForLanguageModeling",
     "add_fused_lm_head",
     "append_metric",
+    "before_token_count",
     "check_fused_head",
     "check_loss_path",
     "checkpoint_folder",
@@ -116,6 +121,28 @@ def collate_owner(dataloader: Any) -> Any:
     return getattr(dataloader, "base_dataloader", dataloader)
 
 
+def before_token_count(trainer: Trainer, mark: Callable[[list, int], None]) -> Callable[[], None]:
+    """Call `mark(micro_batches, global_step)` on the micro-batches of each optimizer step just before the trainer
+    counts their labels; the step is exact there, whatever the data loader fetched ahead. Returns the undo."""
+    count = getattr(trainer, "_get_num_items_in_batch", None)
+    fetch = getattr(type(trainer), "get_batch_samples", None)
+    shape = count is not None and list(inspect.signature(count).parameters) == ["batch_samples", "device"]
+    if not shape or fetch is None or "self._get_num_items_in_batch(" not in inspect.getsource(fetch):
+        raise RuntimeError(
+            "ssToken ends its selection warm-up at the moment the trainer counts the labels of an optimizer step "
+            "(Trainer.get_batch_samples calling _get_num_items_in_batch(batch_samples, device)); this trainer "
+            "counts them elsewhere. This version of sstoken-trl supports transformers 5.x as of 5.24; or train "
+            "with select_warmup_ratio=0."
+        )
+
+    def marked_count(batch_samples: list, device: Any) -> Any:
+        mark(batch_samples, trainer.state.global_step)
+        return count(batch_samples, device)
+
+    trainer._get_num_items_in_batch = marked_count
+    return lambda: vars(trainer).pop("_get_num_items_in_batch", None)
+
+
 def training_columns(trainer: Trainer) -> list[str] | None:
     """The dataset columns the trainer keeps for its model (None when it keeps every column)."""
     columns = getattr(trainer, "_signature_columns", None)
@@ -127,8 +154,9 @@ def checkpoint_folder(args: Any, state: Any) -> Path:
     folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     if not folder.is_dir():
         raise RuntimeError(
-            f"ssToken stores its history state next to the trainer's checkpoint, but {folder} does not exist "
-            "(hyper-parameter search runs save elsewhere and are not supported with history='ema' or 'cache')."
+            f"ssToken stores its state next to the trainer's checkpoint, but {folder} does not exist "
+            "(hyper-parameter search runs save elsewhere and are not supported with history='ema', 'snapshot' or "
+            "'cache', nor with warm-up ratios)."
         )
     return folder
 

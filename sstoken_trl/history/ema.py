@@ -83,7 +83,8 @@ class EMAHistory(HistorySource):
     def from_context(cls, context: HistoryContext) -> EMAHistory:
         source = context.config.history  # "ema", or "snapshot" for the subclass
         trainer = context.require_trainer(source)
-        history = cls.build(context.model, context.config, trainer.state.max_steps)
+        max_steps = trainer.state.max_steps if context.max_steps is None else context.max_steps
+        history = cls.build(context.model, context.config, max_steps)
         folder = context.resume_folder()
         if folder is not None:
             history.restore(folder)

@@ -38,6 +38,7 @@ class HistoryContext:
     history_model: nn.Module | str | None = None  # for history="model"
     trainer: Trainer | None = None  # None outside training (sstoken-inspect)
     global_step: int = 0  # where training starts: above 0 when it resumes from a checkpoint
+    max_steps: int | None = None  # the max_steps warm-up ratios are shares of; None: the trainer's
 
     def require_trainer(self, source: str) -> Trainer:
         if self.trainer is None:

@@ -2,8 +2,10 @@
 
 At train start it checks the trainer's loss path, hooks the scoring layer, replaces the forward of the model
 that carries TRL's fused LM head with the selective forward, and wraps the train collator so that the
-trainer's token count is the kept-token count. Each optimizer step it checks that selection ran and adds
-its statistics to TRL's metrics (so they reach every logger). At train end everything is undone.
+trainer's token count is the kept-token count; with a selection warm-up, the trainer's count of each optimizer
+step's micro-batches is where the step is known exactly, so the warm-up is decided there. Each optimizer step it
+checks that selection ran and adds its statistics to TRL's metrics (so they reach every logger). Checkpoints get
+the history state and the base of the warm-up ratios. At train end everything is undone.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.guards import check_runtime, shards_parameters
 from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward, uses_attention
+from sstoken_trl.integration.warmup import save_warmup_base, uses_base, warmup_base
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import SelectionBudget
 from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, budget_ratio, uses_history
 from sstoken_trl.trl_internals import (
     append_metric,
+    before_token_count,
     check_fused_head,
     check_loss_path,
     checkpoint_folder,
@@ -66,7 +70,7 @@ class SSTokenCallback(TrainerCallback):
         self.selective_forward: SelectiveForward | None = None
         self._undo: list[Callable[[], None]] = []
         self._collate_fn = None
-        self._budget: SelectionBudget | None = None
+        self._warmup_base = 0  # the max_steps warm-up ratios are shares of (kept across resumes)
         if trainer is not None:
             self._attach(trainer)
 
@@ -96,31 +100,35 @@ class SSTokenCallback(TrainerCallback):
         trainer = self.trainer
         check_fused_head(trainer)
         inner = fused_model(trainer.model)
+        base = self._warmup_base = warmup_base(self.config, state.max_steps, state.global_step)
+        owner = collate_owner(kwargs["train_dataloader"])
+        collate_fn = self._collate_fn = owner.collate_fn
+        warmup = self.config.select_warmup(base)
+        budget = SelectionBudget(collate_fn, budget_ratio(self.config), self.config.scope, warmup)
+        if warmup:  # collated batches count the selection; a warm-up step's count is set when its step is known
+            self._undo.append(before_token_count(trainer, budget.mark_step))
         hook = None  # selectors and phases that read no attention never look at the architecture
-        if uses_attention(self.config, state.max_steps):
+        if uses_attention(self.config, base):
             hook = hook_scoring_layer(inner, self.config, probe=not shards_parameters(trainer))
             self._undo.append(hook.remove)
         fused_forward = inner.forward
-        history = self._history(trainer, inner, fused_forward, state.global_step)
+        history = self._history(trainer, inner, fused_forward, state.global_step, base)
         vocab_size = inner.config.get_text_config().vocab_size
-        self.selective_forward = SelectiveForward(
-            fused_forward, self.config, hook, history, state.max_steps, vocab_size
-        )
+        self.selective_forward = SelectiveForward(fused_forward, self.config, hook, history, base, vocab_size)
         inner.forward = self.selective_forward
         self._undo.append(lambda: vars(inner).__setitem__("forward", fused_forward))
-        owner = collate_owner(kwargs["train_dataloader"])
-        collate_fn = self._collate_fn = owner.collate_fn
-        warmup = self.config.select_warmup(state.max_steps)
-        budget = self._budget = SelectionBudget(collate_fn, budget_ratio(self.config), self.config.scope, warmup)
-        budget.set_step(state.global_step)
         owner.collate_fn = history.wrap_collate(budget) if history is not None else budget
         self._undo.append(lambda: setattr(owner, "collate_fn", collate_fn))
 
-    def _history(self, trainer: Trainer, inner: nn.Module, forward: Any, global_step: int) -> HistorySource | None:
+    def _history(
+        self, trainer: Trainer, inner: nn.Module, forward: Any, global_step: int, max_steps: int
+    ) -> HistorySource | None:
         """The configured history source; None when the selector never uses one. Resumed runs restore its state."""
         if not uses_history(self.config):
             return None
-        context = HistoryContext(self.config, trainer.model, inner, forward, self.history_model, trainer, global_step)
+        context = HistoryContext(
+            self.config, trainer.model, inner, forward, self.history_model, trainer, global_step, max_steps
+        )
         return build_history(context)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -141,12 +149,16 @@ class SSTokenCallback(TrainerCallback):
             set_metric(trainer, f"sstoken/{key}", total)
         if self.history is not None:
             self.history.after_optimizer_step(state.global_step)
-        self._budget.set_step(state.global_step)  # batches are collated before on_step_begin of their step
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Store the history state (EMA weights, cache fingerprint) in the checkpoint just written."""
-        if args.should_save and self.history is not None:
+        """Store the history state (EMA weights, cache fingerprint) and the base of the warm-up ratios in the
+        checkpoint just written."""
+        if not args.should_save:
+            return
+        if self.history is not None:
             self.history.save(checkpoint_folder(args, state))
+        if uses_base(self.config):
+            save_warmup_base(checkpoint_folder(args, state), self._warmup_base)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._restore()

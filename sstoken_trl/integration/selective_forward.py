@@ -3,7 +3,7 @@
 It replaces the `forward` of the model that carries TRL's fused LM head. TRL's compute_loss then sums
 `-log_probs` (zero off the kept tokens) and divides by `num_items_in_batch`, which `SelectionBudget` made
 the kept-token count: the loss is the mean NLL over the selected tokens. Rows the budget stamped as
-selection warm-up keep every response token; no history or attention forward runs before the warm-up ends.
+selection warm-up (marked where the step is exact, budget.py) keep every response token; no history or attention forward and no selector runs before the warm-up ends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistorySource
 from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import Layout, batch_layout
-from sstoken_trl.selection.budget import REAL_LABELS, WARMUP_ROWS
+from sstoken_trl.selection.budget import REAL_LABELS, take_warm_rows
 from sstoken_trl.selection.equations import rel
 from sstoken_trl.selection.selectors import Selection, Signals, Stats, get_selector, micro_batch_seed, ranked_rel
 
@@ -83,7 +83,7 @@ class SelectiveForward:
                 "compute_loss). ssToken refuses to train plain SFT silently; use the default SFT loss."
             )
         kwargs["labels"] = real_labels
-        warm_rows = kwargs.pop(WARMUP_ROWS, None)
+        warm_rows = take_warm_rows(kwargs, self.global_step, self.select_warmup)
         layout = batch_layout(real_labels, kwargs.get("attention_mask"), kwargs.get("position_ids"))
         selected, warm = layout.without_rows(warm_rows)  # warm-up rows keep every response token
         gamma = self.gamma()

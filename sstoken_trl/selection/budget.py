@@ -10,9 +10,14 @@ correct under gradient accumulation and across processes, without touching the t
 loss is then the summed NLL of the kept tokens over all response tokens (dropped tokens weigh 0).
 
 During the selection warm-up (the first `warmup_steps` optimizer steps) every response token is counted and
-kept. The collator stamps each row with whether it was counted so (`sstoken_warmup`, read from the step the
-callback last set, shared with data-loader worker processes); the selective forward keeps what the stamp says,
-so count and selection agree even when batches are collated ahead of their step.
+kept. Which step a batch trains in is not known when it is collated: accelerate's loader collates one batch
+ahead, data-loader workers further, and a step counter shared with the collator is off by that depth (which also
+changes across a resume). `on_step_begin` knows the step but comes after the count. So the collator always counts
+the selection, and `mark_step` runs where the step is exact and the count not yet taken: when the trainer has
+fetched the micro-batches of one optimizer step and is about to count them (trl_internals.before_token_count).
+It counts every response token of a warm-up step and marks each batch with its step and warm-up rows. The
+selective forward reads the marks through `take_warm_rows`, which refuses a batch marked for another step than
+the one training it: count and selection agree by construction, or training stops with an error.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from sstoken_trl.selection.equations import first_ratio
 
 REAL_LABELS = "sstoken_labels"
 WARMUP_ROWS = "sstoken_warmup"
+MARKED_STEP = "sstoken_step"
 
 
 def counted_tokens(layout: Layout, scope: str, select_ratio: float, warm_rows: torch.Tensor | None) -> torch.Tensor:
@@ -47,22 +53,45 @@ class SelectionBudget:
         self.select_ratio = select_ratio
         self.scope = scope
         self.warmup_steps = warmup_steps
-        self.step = torch.zeros((), dtype=torch.long).share_memory_()  # seen by data-loader workers too
-
-    def set_step(self, global_step: int) -> None:
-        self.step.fill_(global_step)
 
     def __call__(self, examples: list) -> dict[str, Any]:
         batch = self.collate_fn(examples)
         if "shift_labels" in batch:
             raise ValueError("ssToken does not support collators that emit pre-shifted `shift_labels`.")
-        labels = batch["labels"]
-        layout = batch_layout(labels, batch.get("attention_mask"), batch.get("position_ids"))
-        warm_rows = None
-        if self.warmup_steps:
-            warm_rows = torch.full((labels.size(0),), bool(self.step < self.warmup_steps), device=labels.device)
-            batch[WARMUP_ROWS] = warm_rows
-        counted = counted_tokens(layout, self.scope, self.select_ratio, warm_rows)
-        batch[REAL_LABELS] = labels
-        batch["labels"] = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(~counted, IGNORE_INDEX)], dim=1)
+        batch[REAL_LABELS] = batch["labels"]
+        self._count(batch, None)
         return batch
+
+    def mark_step(self, batches: list[dict[str, Any]], global_step: int) -> None:
+        """Mark the micro-batches of optimizer step `global_step` (0-based) before the trainer counts their labels:
+        in a warm-up step every response token is counted. Batches this wrapper did not collate are left alone."""
+        warm = global_step < self.warmup_steps
+        for batch in batches:
+            if REAL_LABELS not in batch:
+                continue
+            labels = batch[REAL_LABELS]
+            batch[WARMUP_ROWS] = torch.full((labels.size(0),), warm, device=labels.device)
+            batch[MARKED_STEP] = global_step
+            if warm:
+                self._count(batch, batch[WARMUP_ROWS])
+
+    def _count(self, batch: dict[str, Any], warm_rows: torch.Tensor | None) -> None:
+        """Set `labels` to the real labels at the counted positions only."""
+        labels = batch[REAL_LABELS]
+        layout = batch_layout(labels, batch.get("attention_mask"), batch.get("position_ids"))
+        counted = counted_tokens(layout, self.scope, self.select_ratio, warm_rows)
+        batch["labels"] = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(~counted, IGNORE_INDEX)], dim=1)
+
+
+def take_warm_rows(inputs: dict[str, Any], global_step: int, warmup_steps: int) -> torch.Tensor | None:
+    """Pop the marks `mark_step` left on a training batch; its warm-up rows (B,), None when there is no warm-up.
+    Raises when a warm-up is configured and the batch was counted for another step than `global_step`."""
+    rows, marked = inputs.pop(WARMUP_ROWS, None), inputs.pop(MARKED_STEP, None)
+    if warmup_steps and marked != global_step:
+        raise RuntimeError(
+            f"A training batch was counted for optimizer step {marked} but trains in step {global_step}: the "
+            "trainer no longer fetches and counts the micro-batches of a step where ssToken expects it "
+            "(Trainer.get_batch_samples), so the selection warm-up cannot end at its step. This version of "
+            "sstoken-trl supports transformers 5.x as of 5.24."
+        )
+    return rows

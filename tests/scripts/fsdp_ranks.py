@@ -86,9 +86,13 @@ class Driven:
         return self.model(**batch, fused_lm_head=True, use_cache=False)
 
 
-def collate(rows: list[dict], layout: str, config: SSTokenConfig) -> dict[str, Any]:
+def collate(rows: list[dict], layout: str, config: SSTokenConfig, step: int) -> dict[str, Any]:
+    """A batch as the trainer hands it to optimizer step `step` (0-based): collated, then marked for its step."""
     base = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=layout == "packed")
-    return SelectionBudget(base, budget_ratio(config), config.scope)(rows)
+    budget = SelectionBudget(base, budget_ratio(config), config.scope, config.select_warmup(10))
+    batch = budget(rows)
+    budget.mark_step([batch], step)
+    return batch
 
 
 def per_sample(selection: Any) -> dict[str, dict[str, list]]:
@@ -211,7 +215,7 @@ def main(out: str) -> None:
         watch_gathering(shd.hook, gathered)
         # Two SGD steps, so that EMA and snapshot differ from the current weights (snapshot: after step 1).
         for step in (1, 2):
-            ref_batch, shd_batch = collate(rows, "padded", config), collate(mine, "padded", config)
+            ref_batch, shd_batch = collate(rows, "padded", config, step - 1), collate(mine, "padded", config, step - 1)
             train_step(ref, ref_batch, 1, lr=0.5)
             train_step(shd, shd_batch, world, lr=0.5)
             for d in (ref, shd):
@@ -224,8 +228,8 @@ def main(out: str) -> None:
                 for d in (ref, shd):
                     d.set_gamma(gamma)
                 before = len(gathered)
-                one = run_case(ref, collate(rows, layout, config), 1)
-                part = run_case(shd, collate(mine, layout, config), world)
+                one = run_case(ref, collate(rows, layout, config, 2), 1)
+                part = run_case(shd, collate(mine, layout, config, 2), world)
                 results["cases"][f"{history}, gamma {gamma}, {layout}"] = {
                     "whole": one,
                     "sharded": part,
