@@ -2,8 +2,9 @@
 
 It replaces the `forward` of the model that carries TRL's fused LM head. TRL's compute_loss then sums
 `-log_probs` (zero off the kept tokens) and divides by `num_items_in_batch`, which `SelectionBudget` made
-the kept-token count: the loss is the mean NLL over the selected tokens. Rows the budget stamped as
-selection warm-up (marked where the step is exact, budget.py) keep every response token; no history or attention forward and no selector runs before the warm-up ends.
+the kept-token count: the loss is the mean NLL over the selected tokens. Rows of a selection warm-up step (marked
+where the step is exact, budget.py) keep every response token; before the warm-up ends no history or attention
+forward and no selector runs.
 """
 
 from __future__ import annotations
