@@ -6,25 +6,27 @@ whether a selection keeps new knowledge while it removes noise.
 
 new_facts        Made-up residents of made-up towns (PEOPLE residents, names built from syllables, so the base cannot
                  know them), each asked in FACT_FORMS question forms ("Where does Orla Venmark live?" -> "Orla Venmark
-                 lives in Dunholt."); one more form (HELD_OUT_FORM) is never trained on and asks every resident once
-                 on held-out evaluation. Correct: the reply names the right town. Loss: the town's tokens.
+                 lives in Dunholt."); two more forms (HELD_OUT_FORMS) are never trained on and ask every resident on
+                 held-out evaluation. Correct: the reply names the right town. Loss: the town's tokens.
 new_facts_noisy  The same, and a share `noise` of the training answers names another resident's town (a wrong fact).
 sums             "What is 47 + 38?" -> "47 + 38 = 85." over two-digit numbers; the base gets few right even given the
                  "47 + 38 =" prefix. Held out: pairs never trained on. Correct: the reply's last number is the sum.
                  Loss: the sum's digits.
 sums_noisy       The same, and a share `noise` of the training sums is off by 1 to 10 (a wrong answer).
-The town's tokens, or the sum's digits, are the content; in a wrong answer they are flagged (what the oracle masks).
+The town's tokens, or the sum's digits, are the content. In a wrong answer the town's tokens are flagged (what the
+oracle masks), and the sum's digits from the first wrong one on.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 from benchmarks.real_task import ChatSample, ChatTask, Part
 
 SYLLABLES = "bra dor fen gal hur ist jor kel lum mor nev ost pra quil ros sar tov ulm vek wyn yar zel".split()
 TOWN_ENDS = ("holt", "wick", "mere", "dale", "ford", "by")
-PEOPLE = 32  # residents: with FACT_FORMS forms, 320 training samples ask each of them five times
+PEOPLE = 24  # residents: 320 training samples ask each of them 13 or 14 times
 WORLD_SEED = 7  # the residents and their towns are the same for every training seed
 FACT_FORMS = (  # (question, answer) with {name} and {town}: trained on
     ("Where does {name} live?", "{name} lives in {town}."),
@@ -33,7 +35,10 @@ FACT_FORMS = (  # (question, answer) with {name} and {town}: trained on
     ("What is {name}'s hometown?", "{name}'s hometown is {town}."),
     ("Name the town where {name} lives.", "{town}."),
 )
-HELD_OUT_FORM = ("In which town does {name} live?", "{name} lives in {town}.")
+HELD_OUT_FORMS = (  # never trained on: each asks every resident once on held-out evaluation
+    ("In which town does {name} live?", "{name} lives in {town}."),
+    ("{name} is a resident of which town?", "{name} lives in {town}."),
+)
 
 
 def made_up(rng: random.Random, syllables: int) -> str:
@@ -41,15 +46,14 @@ def made_up(rng: random.Random, syllables: int) -> str:
 
 
 def residents(n: int = PEOPLE, seed: int = WORLD_SEED) -> list[tuple[str, str]]:
-    """n (name, town) pairs of made-up residents, every name and town distinct."""
+    """n (name, town) pairs of made-up residents of made-up towns, every name and town distinct."""
     rng = random.Random(seed)
     names: dict[str, str] = {}
-    towns: set[str] = set()
     while len(names) < n:
         name = f"{made_up(rng, 2)} {made_up(rng, 2)}"
         town = made_up(rng, rng.randint(1, 2)) + rng.choice(TOWN_ENDS)
-        if name not in names and town not in towns:
-            names[name], towns = town, towns | {town}
+        if name not in names and town not in names.values():
+            names[name] = town
     return list(names.items())
 
 
@@ -63,6 +67,7 @@ class FactsTask(ChatTask):
     """Made-up residents and their towns (module docstring)."""
 
     REGIMES = ("new_facts", "new_facts_noisy")
+    LR_SCALE = 4.0  # memorising associations is slower than learning a skill: 2e-3 at the default --lr
 
     def __init__(self, tokenizer, **kwargs) -> None:
         super().__init__(tokenizer, **kwargs)
@@ -86,13 +91,19 @@ class FactsTask(ChatTask):
         return out
 
     def held_out(self, regime: str, n: int) -> list[ChatSample]:
-        """Every resident once, in the question form never trained on (n is ignored: one per resident)."""
-        question, answer = HELD_OUT_FORM
+        """Every resident once in each question form never trained on (n is ignored)."""
         out = []
-        for name, town in self.world:
+        for question, answer in HELD_OUT_FORMS:
             before, _, after = answer.partition("{town}")
-            parts = [Part(before.format(name=name), scored=False), Part(town, content=True), Part(after, scored=False)]
-            out.append(self.sample(question.format(name=name), parts, words=(name,), expected=town, check="contains"))
+            for name, town in self.world:
+                parts = [
+                    Part(before.format(name=name), scored=False),
+                    Part(town, content=True),
+                    Part(after, scored=False),
+                ]
+                out.append(
+                    self.sample(question.format(name=name), parts, words=(name,), expected=town, check="contains")
+                )
         return out
 
 
@@ -118,9 +129,11 @@ class SumsTask(ChatTask):
         return out
 
     def sum_sample(self, a: int, b: int, total: int, said: int, scored_only_sum: bool = False) -> ChatSample:
+        right = len(os.path.commonprefix([str(said), str(total)]))  # digits from the first wrong one are flagged
         parts = [
             Part(f"{a} + {b} = ", scored=not scored_only_sum),
-            Part(str(said), flagged=said != total, content=True),
+            Part(str(said)[:right], content=True),
+            Part(str(said)[right:], flagged=True, content=True),
             Part(".", scored=not scored_only_sum),
         ]
         question = f"What is {a} + {b}?"

@@ -127,6 +127,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "recommended_one_run": dict(RECOMMENDED_ONE_RUN),  # REL against the base, thresholded (an earlier recommendation)
     "loss_truncation_self": dict(RECOMMENDED_TWO_RUNS),  # against the "self" reference: two runs (the previous one)
     "recommended": dict(RECOMMENDED),  # loss truncation in one run against the model being trained
+    "soft_trunc_q0.25": dict(RECOMMENDED, drop_weight=0.25),
+    "soft_trunc_q0.25_w0.25": dict(RECOMMENDED, drop_weight=0.25, select_warmup_ratio=0.25),
+    "soft_sstoken_q0.25": dict(gamma=0.5, drop_weight=0.25, protect_response_end=True),
+    "soft_sstoken_q0.5": dict(gamma=0.5, drop_weight=0.5, protect_response_end=True),
+    "soft_trunc_q0.5": dict(RECOMMENDED, drop_weight=0.5),
+    "soft_trunc_q0.25_c4": dict(RECOMMENDED, drop_weight=0.25, surprise_nats=4.0),
     "rec_rho0.9": dict(RECOMMENDED_ONE_RUN, select_ratio=0.9),
     "rec_rho0.7": dict(RECOMMENDED_ONE_RUN, select_ratio=0.7),
     "rec_w0.4": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.4),

@@ -235,7 +235,8 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
     meter = noisy_sft.DropMeter(sstoken, samples, pad=tokenizer.pad_token_id, eos=task.end_id)
     steps = args.steps * method.steps_factor
     with tempfile.TemporaryDirectory(prefix="sstoken-real-") as tmp:
-        sft = noisy_sft.sft_args(tmp, steps, args.batch, args.lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll"))
+        lr = args.lr * task.LR_SCALE
+        sft = noisy_sft.sft_args(tmp, steps, args.batch, lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll"))
         callbacks: list[TrainerCallback] = [c for c in (sstoken, meter) if c is not None]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0

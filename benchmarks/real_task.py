@@ -106,6 +106,7 @@ class ChatTask:
     """Builds tokenised samples with the model's chat template and tokenizer; a task subclass says what to ask."""
 
     REGIMES: tuple[str, ...] = ()
+    LR_SCALE = 1.0  # the task's learning rate, as a multiple of --lr
 
     def __init__(self, tokenizer: Any, end_token: str = "<|im_end|>", system: str = SYSTEM) -> None:
         self.tokenizer, self.system = tokenizer, system

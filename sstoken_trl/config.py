@@ -10,6 +10,7 @@ from typing import Any
 from sstoken_trl.history import HISTORY_SOURCES
 from sstoken_trl.scoring.attn_score import BACKENDS
 from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, REL_NORMS, SELECTORS
+from sstoken_trl.selection.settings import check_read, read_settings
 
 SCOPES = ("sample", "batch")
 
@@ -160,6 +161,14 @@ class SSTokenConfig:
             "at least select_ratio is kept. > 0."
         },
     )
+    drop_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Loss weight of the tokens a selection leaves out: 0 drops them (the paper); above 0 they still "
+            "train, slower, so a token wrongly left out (content the model has not learned yet) is never starved. "
+            "The loss is then the weighted NLL over every response token. In [0, 1)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
 
     def __post_init__(self) -> None:
@@ -198,6 +207,8 @@ class SSTokenConfig:
         _one_of("selector", self.selector, [*SELECTORS, *OFFLINE_SELECTORS])
         if self.rel_keep_threshold is not None:
             self._check_rel_keep_threshold()
+        if not 0.0 <= self.drop_weight < 1.0:
+            raise ValueError(f"drop_weight={self.drop_weight} must be in [0, 1): the loss weight of a left-out token.")
         if not (math.isfinite(self.surprise_nats) and self.surprise_nats > 0):
             raise ValueError(f"surprise_nats={self.surprise_nats} must be a finite number of nats > 0.")
         if not self.truncation_loss > 0:
@@ -213,6 +224,7 @@ class SSTokenConfig:
                 f"his_loss_clip={self.his_loss_clip} must be > 0 (a multiple of log(vocab size)), or None for off."
             )
         _one_of("rel_norm", self.rel_norm, REL_NORMS)
+        check_read(self)
         if self.rel_norm == "none" and self.gamma < 1.0 and self.selector == "sstoken":
             raise ValueError(
                 f"rel_norm='none' keeps REL in nats, which cannot be mixed with AttnScore (in [0, 1]) at "
@@ -241,18 +253,29 @@ class SSTokenConfig:
         """The recommended configuration (docs/selectors.md, measured by benchmarks/real_sft on SmolLM2 and by
         benchmarks/noisy_sft); `overrides` win. Loss truncation inside one run against the model being trained:
         no history model, no extra forward, the compute of plain SFT."""
-        return cls(**{**RECOMMENDED, **overrides})
+        return cls._preset(RECOMMENDED, overrides)
 
     @classmethod
     def recommended_two_runs(cls, **overrides: Any) -> SSTokenConfig:
         """The previous recommendation: loss truncation against run 1, a plain-SFT run on the same data, given as
         history_model (docs/selectors.md); it costs a second training run and a second model in memory."""
-        return cls(**{**RECOMMENDED_TWO_RUNS, **overrides})
+        return cls._preset(RECOMMENDED_TWO_RUNS, overrides)
 
     @classmethod
     def recommended_one_run(cls, **overrides: Any) -> SSTokenConfig:
         """The recommendation before loss truncation: REL against the base, thresholded (docs/selectors.md)."""
-        return cls(**{**RECOMMENDED_ONE_RUN, **overrides})
+        return cls._preset(RECOMMENDED_ONE_RUN, overrides)
+
+    @classmethod
+    def _preset(cls, preset: dict[str, Any], overrides: dict[str, Any]) -> SSTokenConfig:
+        """`preset` with `overrides` winning; preset settings the chosen selector does not read are left out, so
+        that switching the selector of a preset (a baseline, one flag away) keeps only what the new one reads."""
+        settings = {**preset, **overrides}
+        draft = object.__new__(cls)  # the settings as they stand, unvalidated, to ask what the selector reads
+        for f in fields(cls):
+            setattr(draft, f.name, settings.get(f.name, f.default))
+        read = read_settings(draft)
+        return cls(**{k: v for k, v in settings.items() if k in overrides or k in read})
 
     def rel_warmup(self, max_steps: int) -> int:
         """Optimizer steps of the REL warm-up (gamma 0), rel_warmup_ratio resolved against max_steps."""

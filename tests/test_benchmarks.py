@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 
 import pytest
@@ -187,7 +188,7 @@ def test_new_facts_ask_each_resident_in_every_form_and_flag_exactly_the_wrong_to
         wrong = sum(any(s.corrupted) for s in samples) / len(samples)
         assert wrong == 0 if regime == "new_facts" else 0.15 < wrong < 0.45
     held = task.held_out("new_facts", 80)
-    assert sorted(s.words[0] for s in held) == sorted(world)  # every resident once, in a form never trained on
+    assert sorted(s.words[0] for s in held) == sorted(world) * 2  # every resident, in two forms never trained on
     trained = {tokenizer.decode(s.prompt) for s in task.make("new_facts", 5 * len(world), 0.0, random.Random(0))}
     assert not trained & {tokenizer.decode(s.prompt) for s in held}
     for s in held:
@@ -209,7 +210,8 @@ def test_sums_flag_exactly_the_wrong_sums_and_hold_out_their_pairs(tiny_folder):
             said = tokenizer.decode([t for t, c in zip(s.response, s.content, strict=True) if c])
             assert text == f"{a} + {b} = {said}." and s.expected == str(a + b) and s.words not in avoid
             flagged = tokenizer.decode([t for t, bad in zip(s.response, s.corrupted, strict=True) if bad])
-            assert flagged == ("" if int(said) == a + b else said)  # the wrong sum's digits, nothing else
+            right = len(os.path.commonprefix([said, str(a + b)]))
+            assert flagged == said[right:] and (flagged != "") == (int(said) != a + b)  # from the first wrong digit
             assert int(said) == a + b or 1 <= abs(int(said) - a - b) <= 10
         wrong = sum(any(s.corrupted) for s in samples) / len(samples)
         assert wrong == 0 if regime == "sums" else 0.15 < wrong < 0.45

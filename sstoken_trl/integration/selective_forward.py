@@ -21,7 +21,15 @@ from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.budget import REAL_LABELS, take_warm_rows
 from sstoken_trl.selection.equations import rel
-from sstoken_trl.selection.selectors import Selection, Signals, Stats, get_selector, micro_batch_seed, ranked_rel
+from sstoken_trl.selection.selectors import (
+    Selection,
+    Signals,
+    Stats,
+    get_selector,
+    micro_batch_seed,
+    ranked_rel,
+    soften,
+)
 
 
 @dataclass
@@ -38,6 +46,8 @@ class BatchSelection:
     score: torch.Tensor
     keep: torch.Tensor
     keep_rel: torch.Tensor  # what REL alone would keep: keep & ~keep_rel were kept thanks to the attention score
+    loss: torch.Tensor | None = None  # L_cur, the current model's loss on each target
+    weight: torch.Tensor | None = None  # each kept token's loss weight, where the selection weighs tokens
 
 
 def uses_attention(config: SSTokenConfig, max_steps: int) -> bool:
@@ -106,12 +116,15 @@ class SelectiveForward:
         signals = Signals(selected, rel_values, attn, gamma, seed, logp_cur, self.vocab_size, entropy)
         if selecting:
             selection = selector.select(self.config, signals)
+            if self.config.drop_weight > 0:
+                selection = soften(selection, layout.response, logp_cur, self.config.drop_weight)
         else:  # the selection warm-up: every response token, nothing read
             selection = Selection(torch.zeros_like(logp_cur), layout.response)
         keep, keep_rel = selection.keep | warm, selection.keep_rel | warm
         weight = None if selection.weight is None else torch.where(warm, 1.0, selection.weight)
         stats = {"selected_fraction": (keep.sum(), layout.response.sum()), **selection.stats}
         self._record(kwargs, layout, ranked_rel(self.config, signals), attn, selection.score, keep, keep_rel, stats)
+        self.last.loss, self.last.weight = -logp_cur, weight
         return self._masked(out, keep, weight)
 
     @staticmethod

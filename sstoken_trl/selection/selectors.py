@@ -298,12 +298,22 @@ def uses_history(config: SSTokenConfig) -> bool:
 
 
 def budget_ratio(config: SSTokenConfig) -> float:
-    """Share of response tokens the trainer's token count must cover: 1 for "full" and when tokens above
-    rel_keep_threshold are kept too (their number is known only after the forward), else rho."""
+    """Share of response tokens the trainer's token count must cover: 1 for "full", when tokens above
+    rel_keep_threshold are kept too (their number is known only after the forward) and when dropped tokens still
+    weigh `drop_weight` (the loss is then a weighted sum over every response token), else rho."""
     selector = get_selector(config.selector)
-    if selector.keeps_all or selector.counts_all or config.rel_keep_threshold is not None:
+    if selector.keeps_all or selector.counts_all or config.rel_keep_threshold is not None or config.drop_weight > 0:
         return 1.0
     return config.select_ratio
+
+
+def soften(selection: Selection, response: torch.Tensor, logp_cur: torch.Tensor, drop_weight: float) -> Selection:
+    """The selection with its dropped response tokens kept at loss weight `drop_weight` (a token whose log-prob is
+    not finite stays dropped): a token the selection wrongly leaves out still trains, slower, and is never starved."""
+    soft = response & ~selection.keep & logp_cur.isfinite()
+    base = torch.ones_like(logp_cur) if selection.weight is None else selection.weight
+    weight = torch.where(soft, drop_weight, base)
+    return Selection(selection.score, selection.keep | soft, selection.keep_rel | soft, weight, selection.stats)
 
 
 def micro_batch_seed(seed: int, global_step: int, micro_batch: int) -> int:
