@@ -18,12 +18,12 @@ from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from sstoken_trl.config import RECOMMENDED, SSTokenConfig
 from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
 from sstoken_trl.tools.help import Option, dataclass_options, render_help
+from sstoken_trl.tools.recipe_file import check_values, read_recipe
 
 PREFIX = "sstoken_"
 
@@ -54,7 +54,7 @@ def _given(argv: list[str]) -> tuple[set[str], set[str]]:
     """(fields set by `--sstoken_x` flags, fields set by `sstoken_x` keys of the `--config` recipe)."""
     flags = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--" + PREFIX)}
     path = _config_path(argv)
-    keys = set(yaml.safe_load(Path(path).read_text()) or {}) if path is not None and Path(path).is_file() else set()
+    keys = set(read_recipe(path)) if path is not None and Path(path).is_file() else set()
     return (
         {name.removeprefix(PREFIX) for name in flags},
         {name.removeprefix(PREFIX) for name in keys if name.startswith(PREFIX)},
@@ -209,9 +209,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults after each help text; the description kept as written."""
 
 
+class _Parser(TrlParser):
+    """TRL's parser, raising a ValueError on a bad flag (one `sstoken-train: error:` line, no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(f"{message.rstrip('.')}. `{self.prog} --help` lists the flags.")
+
+
 def make_parser(prog: str | None = "sstoken-train") -> TrlParser:
     """TRL's parser over TRL's dataclasses plus the sstoken_ ones (`--config FILE`, flags override it)."""
-    return TrlParser(
+    return _Parser(
         DATACLASSES,
         prog=prog,
         usage=f"{prog} --config RECIPE.yaml [--KEY VALUE ...]",
@@ -276,7 +283,8 @@ def _config_path(argv: list[str]) -> str | None:
 
 
 def parse_recipe(argv: list[str] | None = None) -> Recipe:
-    """Parse `--config FILE` and flags into a `Recipe`; unknown keys and bad values raise a ValueError naming them."""
+    """Parse `--config FILE` and flags into a `Recipe`; a malformed recipe, an unknown key and a bad value (in the
+    recipe or a flag) raise a ValueError naming it and what to do."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _print_help(argv)
     path = _config_path(argv)
@@ -284,10 +292,11 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         raise FileNotFoundError(
             f"Recipe {path!r} not found; the shipped recipes live in the project's recipes/ folder."
         )
+    parser = make_parser()
+    if path is not None:
+        check_values(read_recipe(path), parser, path)
     try:
-        parsed = make_parser().parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
+        parsed = parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
     except SSTokenSettingError as err:
         raise err.as_written(argv) from err
     *values, from_config, from_flags = parsed

@@ -48,6 +48,11 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if not recipe.model.model_name_or_path:
         raise ValueError("No model given: set model_name_or_path (a hub id or a local folder).")
+    if not recipe.script.dataset_name and not recipe.data.datasets:
+        raise ValueError(
+            "No training data: set dataset_name (a hub dataset, or a local .jsonl / .json / .csv / .parquet file) "
+            "or datasets (TRL's mixture list) in the recipe."
+        )
 
 
 def response_labels(dataset: Dataset | None, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> Dataset | None:
