@@ -6,7 +6,7 @@
 Parts, in order (each prints its rows as soon as it finishes; one that fails becomes an error row):
 1. step cost on the LLaMA-3.1-8B shape, LoRA r 64, 4 x 2048, gradient checkpointing on: plain SFT, online
    ssToken, cached history, and the published path (eager + output_attentions); ratios to plain SFT, scoring
-   share, history share; the README targets.
+   share, history share; the targets of docs/performance.md.
 2. score parity in the training dtype: the sdpa and eager backends against transformers' eager
    output_attentions on right-padded, left-padded and packed rows; which SDPA kernels the score ran.
 3. QLoRA: 4-bit NF4 LLaMA-3.2-1B shape, plain QLoRA against ssToken with the 4-bit base as history.

@@ -1,7 +1,7 @@
-"""Rewrite the README's generated blocks.
+"""Rewrite the generated blocks of the README and of docs/configuration.md.
 
-    python docs/update_readme.py              # the configuration tables, from the dataclasses
-    python docs/update_readme.py --demo       # also every command-output block, from a real run of its command
+    python docs/update_readme.py              # docs/configuration.md's settings tables, from the dataclasses
+    python docs/update_readme.py --demo       # also every command-output block of the README, from a real run
     python docs/update_readme.py --demo NAME  # only the output block NAME (a key of OUTPUTS)
 
 An output block sits between `<!-- output NAME:start -->` and `<!-- output NAME:end -->`; OUTPUTS names the command
@@ -27,6 +27,7 @@ from sstoken_trl.tools.arguments import fields_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+CONFIG_PAGE = ROOT / "docs" / "configuration.md"  # holds the configuration tables, between START and END
 START, END = "<!-- sstoken-config:start -->", "<!-- sstoken-config:end -->"
 BLOCK = re.compile(re.escape(START) + r"\n(.*?)" + re.escape(END), re.DOTALL)
 
@@ -41,11 +42,11 @@ VERSIONS = ("torch", "transformers", "trl", "peft", "tokenizers")
 LOG_LINE = re.compile(r"^\{'.*\}$")  # the trainer's metric dicts, printed every logging_steps
 
 
-def readme_block(text: str) -> str:
-    """The text between the configuration markers of `text`."""
+def config_block(text: str) -> str:
+    """The text between the configuration markers of `text` (the content of docs/configuration.md)."""
     match = BLOCK.search(text)
     if match is None:
-        raise ValueError(f"README.md lacks the markers {START} ... {END}.")
+        raise ValueError(f"{CONFIG_PAGE.relative_to(ROOT)} lacks the markers {START} ... {END}.")
     return match.group(1)
 
 
@@ -133,12 +134,16 @@ def main(argv: list[str] | None = None) -> None:
         help=f"Also regenerate the output blocks NAME (default: all of {', '.join(OUTPUTS)}) by running them.",
     )
     args = parser.parse_args(argv)
+    unknown = [name for name in args.demo or [] if name not in OUTPUTS]
+    if unknown:
+        raise SystemExit(f"No output block {unknown[0]!r}; the README has {', '.join(OUTPUTS)}.")
+    page = CONFIG_PAGE.read_text(encoding="utf-8")
+    config_block(page)  # raises when the markers are gone
+    CONFIG_PAGE.write_text(BLOCK.sub(lambda _: f"{START}\n{fields_markdown()}{END}", page), encoding="utf-8")
+    if args.demo is None:
+        return
     text = README.read_text(encoding="utf-8")
-    readme_block(text)  # raises when the markers are gone
-    text = BLOCK.sub(lambda _: f"{START}\n{fields_markdown()}{END}", text)
-    for name in (args.demo or list(OUTPUTS)) if args.demo is not None else []:
-        if name not in OUTPUTS:
-            raise SystemExit(f"No output block {name!r}; the README has {', '.join(OUTPUTS)}.")
+    for name in args.demo or list(OUTPUTS):
         print(f"Running {OUTPUTS[name]} ...", flush=True)
         text = replace_output_block(text, name, render_output_block(name, run_command(OUTPUTS[name])))
     README.write_text(text, encoding="utf-8")

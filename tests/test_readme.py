@@ -1,4 +1,5 @@
-"""The README stays true: generated configuration tables, set-up commands, and every command line it shows."""
+"""The README and its docs pages stay true: generated configuration tables, set-up commands, every command line the
+README shows, and every docs page it points to."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sstoken_trl.tools.inspection import InspectArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 CPU = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
 
 
@@ -36,7 +38,27 @@ update_readme = _load_update_readme()
 
 
 def test_configuration_tables_are_generated_from_the_dataclasses():
-    assert update_readme.readme_block(README) == fields_markdown(), "run: python docs/update_readme.py"
+    assert update_readme.config_block(CONFIGURATION) == fields_markdown(), "run: python docs/update_readme.py"
+    assert update_readme.START not in README  # one copy of the tables, on the page the README links to
+    assert "(docs/configuration.md)" in README
+
+
+def test_most_used_keys_in_the_readme_have_their_generated_defaults():
+    configuration = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(sstoken_\w+)` \((`[^`]*`)\):", configuration, flags=re.MULTILINE)
+    assert len(listed) >= 5
+    rows = {row.split(" | ")[0].strip("| `"): row for row in fields_markdown().splitlines() if row.startswith("| `")}
+    for key, default in listed:
+        assert key in rows, f"{key} is not a setting"
+        assert f"| {default} |" in rows[key], f"{key}: the README says {default}, the settings table {rows[key]}"
+
+
+def test_every_docs_page_the_readme_and_docs_name_exists():
+    pages = [README, *(path.read_text(encoding="utf-8") for path in (ROOT / "docs").glob("*.md"))]
+    named = {name for text in pages for name in re.findall(r"docs/[\w.-]+\.(?:md|py)", text)}
+    assert {"docs/models.md", "docs/attention-and-scale.md", "docs/performance.md", "docs/demos.md"} <= named
+    for name in named:
+        assert (ROOT / name).is_file(), name
 
 
 def test_setup_commands_are_the_documented_ones():

@@ -330,7 +330,7 @@ def _row(name: str, default: Any, help_text: str, python_name: str | None = None
 
 
 def fields_markdown() -> str:
-    """The README's tables of every sstoken_ key, generated from the dataclasses (so they cannot drift)."""
+    """docs/configuration.md's tables of every sstoken_ key, generated from the dataclasses (so they cannot drift)."""
     lines = [
         "Selection settings (`SSTokenConfig`; in a recipe or on the command line with the `sstoken_` prefix):",
         "",

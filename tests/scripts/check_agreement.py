@@ -16,7 +16,7 @@ from sstoken_trl.scoring.layout import batch_layout
 from tests.families import FAMILY_CONFIGS, build_family_model
 from tests.test_attn_score import LAYOUTS, VOCAB, make_batch
 
-SKIP = {("gpt_oss", "packed")}  # transformers' GPT-OSS eager mask mixes packed documents (see the README)
+SKIP = {("gpt_oss", "packed")}  # transformers' GPT-OSS eager mask mixes packed documents (see docs/models.md)
 
 
 def worst_difference(model_type: str, dtype: torch.dtype) -> float:
