@@ -30,10 +30,15 @@ def test_recommended_key_gives_the_recommended_config(tmp_path):
 
 
 def test_keys_set_away_from_the_paper_default_win_over_the_recommendation(tmp_path):
-    argv = recipe(tmp_path, sstoken_recommended=True, sstoken_select_ratio=0.8)
-    config = parse_recipe([*argv, "--sstoken_his_loss_clip", "2.0"]).sstoken
-    assert config == SSTokenConfig.recommended(select_ratio=0.8, his_loss_clip=2.0)
-    assert parse_recipe([*argv, "--sstoken_recommended", "false"]).sstoken == SSTokenConfig(select_ratio=0.8)
+    argv = recipe(tmp_path, sstoken_recommended=True, sstoken_select_ratio=0.9)
+    config = parse_recipe([*argv, "--sstoken_surprise_nats", "2.0"]).sstoken
+    assert config == SSTokenConfig.recommended(select_ratio=0.9, surprise_nats=2.0)
+    assert parse_recipe([*argv, "--sstoken_recommended", "false"]).sstoken == SSTokenConfig(select_ratio=0.9)
+    with pytest.raises(ValueError, match="would ignore --sstoken_his_loss_clip 2.0") as ignored:
+        parse_recipe([*argv, "--sstoken_his_loss_clip", "2.0"])  # a setting the recommended selector does not read
+    assert "read by sstoken with sstoken_gamma > 0" in str(ignored.value)
+    switched = parse_recipe([*argv, "--sstoken_selector", "random"]).sstoken  # a baseline, one flag away
+    assert switched == SSTokenConfig.recommended(select_ratio=0.9, selector="random")
 
 
 def test_recommended_with_a_bad_value_fails_at_parse_time(tmp_path):

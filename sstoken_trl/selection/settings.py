@@ -74,16 +74,20 @@ def readers(name: str) -> str:
     return ", ".join(s for s, own in OWN.items() if name in own) or "no selector"
 
 
+class IgnoredSettingError(ValueError):
+    """A setting given a value that the chosen selector would not read."""
+
+
 def check_read(config: SSTokenConfig) -> None:
     """Raise, naming each setting the selector would ignore, who reads it and what to do."""
     ignored = ignored_settings(config)
     if not ignored:
         return
     reasons = "; ".join(f"{name}={getattr(config, name)!r} (read by {readers(name)})" for name in ignored)
-    raise ValueError(
+    raise IgnoredSettingError(
         f"selector={config.selector!r} would ignore {reasons}. Unset {'it' if len(ignored) == 1 else 'them'}, or "
         "choose the settings that read them."
     )
 
 
-__all__ = ["check_read", "ignored_settings", "read_settings", "readers"]
+__all__ = ["IgnoredSettingError", "check_read", "ignored_settings", "read_settings", "readers"]

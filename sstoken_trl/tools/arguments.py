@@ -20,8 +20,9 @@ from typing import Any
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from sstoken_trl.config import RECOMMENDED, SSTokenConfig
+from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.selection.settings import IgnoredSettingError
 from sstoken_trl.tools.help import Option, dataclass_options, render_help
 from sstoken_trl.tools.recipe_file import check_values, read_recipe
 
@@ -36,11 +37,11 @@ def _to_config(self: Any, recommended: bool = False, given: set[str] | None = No
     """
     values = {f.name: getattr(self, PREFIX + f.name) for f in fields(SSTokenConfig)}
     if recommended:
-        paper, given = SSTokenConfig(), given or set()
-        values = {
-            name: v if name in given or v != getattr(paper, name) else RECOMMENDED.get(name, v)
-            for name, v in values.items()
+        given = given or set()
+        explicit = {
+            f.name: values[f.name] for f in fields(SSTokenConfig) if f.name in given or values[f.name] != f.default
         }
+        return SSTokenConfig.recommended(**explicit)
     return SSTokenConfig(**values)
 
 
@@ -85,8 +86,12 @@ class SSTokenSettingError(ValueError):
 
 
 def _validate(self: Any) -> None:
+    """Each value checked as soon as it is parsed; whether the selector reads it is checked once the recommendation
+    is known (`parse_recipe`)."""
     try:
         self.to_config()
+    except IgnoredSettingError:
+        pass
     except ValueError as err:
         raise SSTokenSettingError(str(err)) from err
 
