@@ -33,8 +33,8 @@ import torch
 from transformers import TrainerCallback
 
 from benchmarks import noisy_sft, real_sft
-from benchmarks.real_task import ChatSample, Part, ReversalTask, question, reversed_answer
 from benchmarks.real_task import WORDS as NOUNS
+from benchmarks.real_task import ChatSample, Part, ReversalTask, question, reversed_answer
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 
 PHRASE = "Sure! Here are the words in reverse order:"
@@ -92,6 +92,10 @@ class LoopMeter(TrainerCallback):
         if selection is None or selection is self._seen:
             return
         self._seen = selection
+        left_out = ~selection.keep  # dropped, or kept at the reduced weight drop_weight
+        drop_weight = self.sstoken.config.drop_weight
+        if drop_weight > 0 and selection.weight is not None:
+            left_out |= selection.weight == torch.tensor(drop_weight, dtype=selection.weight.dtype)
         for b, ids in enumerate(selection.input_ids.tolist()):
             while ids and ids[-1] == self.pad:
                 ids.pop()
@@ -100,7 +104,7 @@ class LoopMeter(TrainerCallback):
             for i in range(len(sample.response)):
                 entry = self.current[self.kind(sample, i)]
                 entry["tokens"] += 1
-                entry["dropped"] += not bool(selection.keep[b, start + i])
+                entry["dropped"] += bool(left_out[b, start + i])
                 entry["rel"] += float(selection.rel[b, start + i])
                 entry["loss"] += float(selection.loss[b, start + i])
 
@@ -165,10 +169,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 def table(report: dict[str, Any]) -> str:
     """Per method: held-out exact match / clean loss, and per kind the dropped share in the first and last quarter."""
-    lines = [
-        "| method | exact match | clean loss | " + " | ".join(f"{k} dropped (first / last quarter)" for k in KINDS) + " |",
-        "|---|---|---|" + "---|" * len(KINDS),
-    ]
+    kinds = " | ".join(f"{k} dropped (first / last quarter)" for k in KINDS)
+    lines = [f"| method | exact match | clean loss | {kinds} |", "|---|---|---|" + "---|" * len(KINDS)]
     for name, result in report["methods"].items():
         cells = []
         for kind in KINDS:

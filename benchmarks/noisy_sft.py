@@ -126,12 +126,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "rec_keep0_w0.3": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.3),
     "recommended_one_run": dict(RECOMMENDED_ONE_RUN),  # REL against the base, thresholded (an earlier recommendation)
     "loss_truncation_self": dict(RECOMMENDED_TWO_RUNS),  # against the "self" reference: two runs (the previous one)
-    "recommended": dict(RECOMMENDED),  # loss truncation in one run against the model being trained
+    "recommended": dict(RECOMMENDED),  # soft loss truncation in one run against the model being trained
+    "hard_truncation": dict(RECOMMENDED, drop_weight=0.0),  # the previous recommendation: suspects dropped
     "soft_trunc_q0.25": dict(RECOMMENDED, drop_weight=0.25),
     "soft_trunc_q0.25_w0.25": dict(RECOMMENDED, drop_weight=0.25, select_warmup_ratio=0.25),
     "soft_sstoken_q0.25": dict(gamma=0.5, drop_weight=0.25, protect_response_end=True),
     "soft_sstoken_q0.5": dict(gamma=0.5, drop_weight=0.5, protect_response_end=True),
     "soft_sstoken_keep0": dict(gamma=0.5, rel_keep_threshold=0.0, drop_weight=0.5, protect_response_end=True),
+    "soft_sstoken_keep0_w0.5": dict(
+        gamma=0.5, rel_keep_threshold=0.0, drop_weight=0.5, protect_response_end=True, select_warmup_ratio=0.5
+    ),
+    "soft_sstoken_w0.5": dict(gamma=0.5, drop_weight=0.5, protect_response_end=True, select_warmup_ratio=0.5),
     "soft_trunc_q0.5": dict(RECOMMENDED, drop_weight=0.5),
     "soft_trunc_q0.25_c4": dict(RECOMMENDED, drop_weight=0.25, surprise_nats=4.0),
     "rec_rho0.9": dict(RECOMMENDED_ONE_RUN, select_ratio=0.9),
@@ -234,9 +239,9 @@ def train(
 
 
 class DropMeter(TrainerCallback):
-    """Counts, from the callback's selection of every micro-batch, the corrupted / clean / </s> tokens dropped, and
-    the clean content tokens (the informative ones, where a sample flags them) among the clean. Without a callback
-    (a plain TRL run) nothing is dropped."""
+    """Counts, from the callback's selection of every micro-batch, the corrupted / clean / </s> tokens dropped (or
+    left out at `drop_weight`), and the clean content tokens (the informative ones, where a sample flags them) among
+    the clean. Without a callback (a plain TRL run) nothing is dropped."""
 
     KINDS = ("corrupted", "clean", "eos", "content")
 
@@ -260,7 +265,11 @@ class DropMeter(TrainerCallback):
         if selection is None or selection is self._seen:
             return
         self._seen = selection
-        for ids, keep in zip(selection.input_ids.tolist(), selection.keep.tolist(), strict=True):
+        kept = selection.keep
+        drop_weight = self.sstoken.config.drop_weight
+        if drop_weight > 0 and selection.weight is not None:  # left out at drop_weight counts as dropped
+            kept = kept & (selection.weight != torch.tensor(drop_weight, dtype=selection.weight.dtype))
+        for ids, keep in zip(selection.input_ids.tolist(), kept.tolist(), strict=True):
             while ids and ids[-1] == self.pad:
                 ids.pop()
             flags, content = self.flags[tuple(ids)]

@@ -251,8 +251,9 @@ class SSTokenConfig:
     @classmethod
     def recommended(cls, **overrides: Any) -> SSTokenConfig:
         """The recommended configuration (docs/selectors.md, measured by benchmarks/real_sft on SmolLM2 and by
-        benchmarks/noisy_sft); `overrides` win. Loss truncation inside one run against the model being trained:
-        no history model, no extra forward, the compute of plain SFT."""
+        benchmarks/noisy_sft); `overrides` win. Soft loss truncation inside one run against the model being
+        trained: no history model, no extra forward, the compute of plain SFT; a suspect token counts half, so
+        content the model has not learned yet is slowed, never starved."""
         return cls._preset(RECOMMENDED, overrides)
 
     @classmethod
@@ -302,14 +303,15 @@ class SSTokenConfig:
 
 
 # What SSTokenConfig.recommended() changes from the paper-exact default (docs/selectors.md says why): after half
-# of the steps on every token, drop what the model being trained finds e^3 times less likely than it expects
-# (L_cur - H_cur > 3 nats), at most a fifth of the micro-batch, never a response's end.
+# of the steps on every token, what the model being trained finds e^3 times less likely than it expects
+# (L_cur - H_cur > 3 nats) counts half in the loss, at most a fifth of the micro-batch, never a response's end.
 RECOMMENDED: dict[str, Any] = {
     "selector": "self_truncation",  # surprise_nats 3.0 is the default
     "select_warmup_ratio": 0.5,
     "select_ratio": 0.8,
     "scope": "batch",
     "protect_response_end": True,
+    "drop_weight": 0.5,
 }
 
 # The previous recommendation, loss truncation against run 1 (history_model): SSTokenConfig.recommended_two_runs().

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from benchmarks import noise_probe, noisy_sft, real_sft, real_task, step_cost
+from benchmarks import forgetting_loop, noise_probe, noisy_sft, real_sft, real_task, step_cost
 from benchmarks.knowledge_task import FactsTask, SumsTask, residents
 from benchmarks.noisy_report import compute_table, plain_partner
 from benchmarks.real_task import ReversalTask
@@ -274,6 +274,47 @@ def test_real_sft_runs_merges_and_reuses_run_1(tmp_path, tiny_folder):
     assert 0 < methods["sstoken_g0.5"]["seeds"]["0"]["clean_dropped_share"] < 1
     with pytest.raises(SystemExit, match="other training settings"):
         real_sft.main([*argv[:2], "4", *argv[3:], "--methods", "full", "--out", str(out)])
+
+
+def test_real_sft_new_regimes_and_peers_run_and_report_what_they_left_out(tmp_path, tiny_folder):
+    out, runs = tmp_path / "real.json", tmp_path / "runs"
+    runs.mkdir()
+    (runs / "tiny-llama").symlink_to(tiny_folder)
+    argv = ["--tiny", "--steps", "4", "--batch", "4", "--eval", "6", "--runs-dir", str(runs), "--out", str(out)]
+    methods = "full,dft,entropy_weighted,recommended,oracle"
+    real_sft.main([*argv, "--regimes", "new_facts_noisy,sums_noisy", "--methods", methods])
+    report = json.loads(out.read_text())
+    for regime in ("new_facts_noisy", "sums_noisy"):
+        rows = {name: m["seeds"]["0"] for name, m in report["regimes"][regime]["methods"].items()}
+        assert set(rows) == set(methods.split(","))  # finished in any order: longest runs first
+        for row in rows.values():
+            assert 0 <= row["accuracy"] <= 1 and row["clean_loss"] > 0 and row["optimizer_steps"] == 4
+            assert 0 <= row["content_dropped_share"] <= 1 and 0 < row["flagged_share"] < 1
+        for peer in ("full", "dft", "entropy_weighted"):  # nothing is left out: weighted, never dropped
+            assert rows[peer]["corrupted_dropped_share"] == rows[peer]["clean_dropped_share"] == 0
+        assert rows["oracle"]["corrupted_dropped_share"] == 1 and rows["oracle"]["clean_dropped_share"] == 0
+        assert rows["dft"]["clean_loss"] != rows["full"]["clean_loss"]  # TRL's own DFT loss trained, not plain SFT
+
+
+def test_forgetting_loop_records_every_step_and_kind(tmp_path, tiny_folder):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "tiny-llama").symlink_to(tiny_folder)
+    out = tmp_path / "loop.json"
+    argv = ["--tiny", "--steps", "3", "--batch", "4", "--eval", "4", "--runs-dir", str(runs), "--out", str(out)]
+    report = forgetting_loop.main([*argv, "--methods", "full,sstoken_g0.5"])
+    assert json.loads(out.read_text())["methods"].keys() == {"full", "sstoken_g0.5"}
+    for result in report["methods"].values():
+        assert len(result["steps"]) == 3 and 0 <= result["accuracy"] <= 1
+        for step in result["steps"]:
+            assert (
+                set(step) == set(forgetting_loop.KINDS) and step["phrase"]["tokens"] > 0 and step["end"]["tokens"] > 0
+            )
+    dropped = forgetting_loop.per_step(report["methods"]["sstoken_g0.5"], "phrase", "dropped")
+    assert all(0 <= d <= 1 for d in dropped) and sum(dropped) > 0  # the paper's quota leaves phrase tokens out
+    assert forgetting_loop.per_step(report["methods"]["full"], "phrase", "dropped") == [0.0, 0.0, 0.0]
+    if importlib.util.find_spec("matplotlib"):
+        assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_real_sft_help_documents_every_regime(capsys):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.selection.selectors import get_selector
 
-COLUMNS = ("REL", "AttnScore", "Score")
+COLUMNS = ("REL", "AttnScore", "Score", "Weight")
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class Rule:
     name: str  # "loss truncation"
     text: str  # the rule, with its settings and what Score is
     columns: tuple[str, ...]  # the signals that are not zero (or constant) by construction, of COLUMNS
+    drop_weight: float = 0.0  # the loss weight of a left-out token (0: dropped)
 
 
 def _history(config: SSTokenConfig) -> str:
@@ -71,8 +72,9 @@ def _loss_truncation(config: SSTokenConfig, within: str, vocab_size: int | None)
 def _self_truncation(config: SSTokenConfig, within: str) -> str:
     end = ", never a response's last token" if config.protect_response_end else ""
     c = config.surprise_nats
+    left = f"counts {config.drop_weight:g} in the loss" if config.drop_weight else "is dropped"
     return (
-        f"a token is dropped when its loss under the model being trained exceeds that model's predictive entropy "
+        f"a token {left} when its loss under the model being trained exceeds that model's predictive entropy "
         f"at the position by more than {c:g} nats (L_cur - H_cur > {c:g}: the token is {math.exp(c):.0f} times less "
         f"likely than the model expects there); most surprising first, at most {1 - config.select_ratio:.0%} of "
         f"{within} response tokens{end}. No history model and no extra forward. Score is the surprise "
@@ -101,11 +103,21 @@ def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history:
     elif config.selector == "loss_truncation":
         name, text = "loss truncation", _loss_truncation(config, within, vocab_size)
     elif config.selector == "self_truncation":
-        name, text = "loss truncation in one run", _self_truncation(config, within)
+        soft = "soft " if config.drop_weight else ""
+        name, text = f"{soft}loss truncation in one run", _self_truncation(config, within)
+    elif config.selector == "entropy_weighted":
+        name = "entropy-weighted loss"
+        text = (
+            "every response token is kept, its loss weighted by its entropy under the model being trained, "
+            "H_cur / log 20 capped at 1 (like EAFT): tokens the model is confident about weigh little, right or wrong. "
+            "Weight is that weight."
+        )
     else:
         name, text = "ssToken", _sstoken(config, within[0].upper() + within[1:], vocab_size, history)
     if config.protect_response_end and config.selector == "sstoken":
         text += " A response's last token is always kept."
+    if config.drop_weight and config.selector not in ("full", "self_truncation", "entropy_weighted"):
+        text += f" The tokens left out still count {config.drop_weight:g} in the loss."
     if config.select_warmup_ratio:
         text += f" The first {config.select_warmup_ratio:.0%} of the steps train on every response token."
     columns = []
@@ -113,9 +125,12 @@ def describe_rule(config: SSTokenConfig, vocab_size: int | None = None, history:
         columns.append("REL")
     if selector.needs_attention(config, config.gamma):
         columns.append("AttnScore")
-    if not selector.keeps_all:
+    if not selector.keeps_all and config.selector != "entropy_weighted":
         columns.append("Score")
-    return Rule(name, text, tuple(columns))
+    if config.drop_weight or config.selector == "entropy_weighted":
+        columns.append("Weight")
+    drop_weight = config.drop_weight if config.selector != "full" else 0.0
+    return Rule(name, text, tuple(columns), drop_weight)
 
 
 __all__ = ["COLUMNS", "Rule", "describe_rule"]

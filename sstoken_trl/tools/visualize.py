@@ -13,6 +13,7 @@ import math
 import textwrap
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from sstoken_trl.config import SSTokenConfig
@@ -22,9 +23,11 @@ from sstoken_trl.tools.describe import Rule, describe_rule
 STATUSES = {
     "kept": "kept",
     "attention": "kept thanks to the attention score",
+    "down": "left out, still trained at drop_weight",
     "dropped": "dropped",
     "prompt": "prompt (not scored)",
 }
+LEFT_OUT = ("down", "dropped")  # the tokens a selection leaves out of the full-weight loss
 
 
 @dataclass
@@ -34,6 +37,28 @@ class Token:
     rel: float = math.nan
     attn: float = math.nan
     score: float = math.nan
+    weight: float = math.nan  # the token's loss weight, where the selection weighs tokens
+
+
+def looks_like_content(text: str) -> bool:
+    """A number or a name: a token with a digit, or a word that starts with a capital letter. Such tokens are what
+    data teaching new facts or computed answers is for, so a selection that leaves them out is worth a look."""
+    word = text.strip()
+    return any(c.isdigit() for c in word) or (len(word) > 1 and word[0].isupper() and word[1:].islower())
+
+
+def content_note(tokens: list[Token]) -> str | None:
+    """A warning when left-out tokens look like content (numbers, names), with examples; None when none does."""
+    left = [t for t in tokens if t.status in LEFT_OUT]
+    content = [t.text.strip() for t in left if looks_like_content(t.text)]
+    if not content:
+        return None
+    examples = ", ".join(repr(text) for text in dict.fromkeys(content))
+    return (
+        f"{len(content)} of the {len(left)} left-out tokens look like content (numbers, names): {examples}. On data "
+        "that teaches new facts or computed answers these are what the model must learn; compare a run with "
+        "--sstoken_selector full on held-out data before trusting the selection there."
+    )
 
 
 def _samples(selection: BatchSelection) -> list[tuple[int, list[int]]]:
@@ -47,13 +72,17 @@ def _samples(selection: BatchSelection) -> list[tuple[int, list[int]]]:
     return out
 
 
-def sample_tokens(selection: BatchSelection, tokenizer: PreTrainedTokenizerBase) -> list[list[Token]]:
-    """Per sample of the batch, its tokens with their status and scores (token j is scored at position j - 1).
+def sample_tokens(
+    selection: BatchSelection, tokenizer: PreTrainedTokenizerBase, drop_weight: float = 0.0
+) -> list[list[Token]]:
+    """Per sample of the batch, its tokens with their status and scores (token j is scored at position j - 1); a
+    kept token weighing exactly `drop_weight` > 0 is one the selection left out ("down").
 
     Samples come from the batch's own layout (padding, documents of a packed row), never from token ids."""
     by_rel = selection.keep_rel.cpu()
     response, keep = selection.response.cpu(), selection.keep.cpu()
     rel, attn, score = (t.detach().float().cpu() for t in (selection.rel, selection.attn_score, selection.score))
+    weight = torch.ones_like(score) if selection.weight is None else selection.weight.detach().float().cpu()
     ids = selection.input_ids.tolist()
     rows = []
     for b, positions in _samples(selection):
@@ -65,7 +94,10 @@ def sample_tokens(selection: BatchSelection, tokenizer: PreTrainedTokenizerBase)
                 tokens.append(Token(text, "prompt"))
                 continue
             status = "dropped" if not keep[b, t] else ("kept" if by_rel[b, t] else "attention")
-            tokens.append(Token(text, status, rel[b, t].item(), attn[b, t].item(), score[b, t].item()))
+            if status == "kept" and drop_weight > 0 and weight[b, t].item() == torch.tensor(drop_weight).item():
+                status = "down"
+            values = (rel[b, t].item(), attn[b, t].item(), score[b, t].item(), weight[b, t].item())
+            tokens.append(Token(text, status, *values))
         rows.append(tokens)
     return rows
 
@@ -75,12 +107,14 @@ def _counts(tokens: list[Token]) -> dict[str, int]:
 
 
 def _headline(counts: dict[str, int], rule: Rule) -> str:
-    n = counts["kept"] + counts["attention"] + counts["dropped"]
+    n = counts["kept"] + counts["attention"] + counts["down"] + counts["dropped"]
     kept = counts["kept"] + counts["attention"]
     share = f" ({100 * kept / n:.1f}%)" if n else ""
     text = f"{n} response tokens, {kept} kept{share}"
     if "AttnScore" in rule.columns:
         text += f", {counts['attention']} of them thanks to the attention score"
+    if rule.drop_weight:
+        text += f", {counts['down']} left out at loss weight {rule.drop_weight:g}"
     return text
 
 
@@ -95,12 +129,19 @@ def _listed(names: tuple[str, ...]) -> str:
 
 
 def _values(token: Token) -> dict[str, float]:
-    return {"REL": token.rel, "AttnScore": token.attn, "Score": token.score}
+    return {"REL": token.rel, "AttnScore": token.attn, "Score": token.score, "Weight": token.weight}
 
 
 def _statuses(rule: Rule) -> dict[str, str]:
-    """The statuses a token can have under `rule` (none is kept thanks to attention without an attention term)."""
-    return {s: label for s, label in STATUSES.items() if s != "attention" or "AttnScore" in rule.columns}
+    """The statuses a token can have under `rule` (none is kept thanks to attention without an attention term, none
+    is left out at a weight without drop_weight)."""
+    statuses = {s: label for s, label in STATUSES.items() if s != "attention" or "AttnScore" in rule.columns}
+    if rule.drop_weight:
+        statuses["down"] = f"left out, still trained at loss weight {rule.drop_weight:g}"
+        statuses.pop("dropped")  # a token whose log-prob is not finite stays dropped: too rare to list
+    else:
+        statuses.pop("down")
+    return statuses
 
 
 def chosen_samples(rows: list[list[Token]], max_samples: int) -> list[int]:
@@ -108,11 +149,12 @@ def chosen_samples(rows: list[list[Token]], max_samples: int) -> list[int]:
     tokens kept thanks to the attention score (each when there is one), then those with most of either."""
     counts = [_counts(row) for row in rows]
     picks: list[int] = []
-    for status in ("dropped", "attention"):
+    for status in ("dropped", "down", "attention"):
         best = max(range(len(rows)), key=lambda i: (counts[i][status], -i), default=None)
         if best is not None and counts[best][status] and best not in picks:
             picks.append(best)
-    for i in sorted(range(len(rows)), key=lambda i: (-counts[i]["dropped"] - counts[i]["attention"], i)):
+    left_out = {i: counts[i]["dropped"] + counts[i]["down"] + counts[i]["attention"] for i in range(len(rows))}
+    for i in sorted(range(len(rows)), key=lambda i: (-left_out[i], i)):
         if i not in picks:
             picks.append(i)
     return sorted(picks[:max_samples])
@@ -126,6 +168,8 @@ body { font-family: system-ui, sans-serif; margin: 2rem; max-width: 60rem; color
 .kept { background: #b7e4c7; }
 .attention { background: #a9d6f5; }
 .dropped { color: #a33; background: #f8d7da; text-decoration: line-through; }
+.down { color: #8a5a00; background: #fde9b8; }
+.note { background: #fff3cd; padding: 0.5rem; border-radius: 4px; }
 .tok[title]:hover { outline: 2px solid #333; }
 .legend .tok { margin-right: 1rem; padding: 2px 6px; }
 section { border-top: 1px solid #ddd; margin-top: 1rem; }
@@ -158,8 +202,9 @@ def render_html(
     `vocab_size` (the model's) is needed to state thresholds in nats (loss truncation, his_loss_clip); `history`
     False: the selection ran without a history model."""
     rule = describe_rule(config, vocab_size, history)
-    rows = sample_tokens(selection, tokenizer)
+    rows = sample_tokens(selection, tokenizer, config.drop_weight)
     total = _counts([t for row in rows for t in row])
+    note = content_note([t for row in rows for t in row])
     hover = f" Hover a response token for its {_listed(rule.columns)}." if rule.columns else ""
     parts = [
         "<!DOCTYPE html>",
@@ -173,6 +218,8 @@ def render_html(
         + html.escape(hover)
         + "</p>",
     ]
+    if note:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
     for i, row in enumerate(rows):
         parts.append(f'<section class="sample" id="sample-{i + 1}"><h2>Sample {i + 1}</h2>')
         parts.append(f"<p>{_headline(_counts(row), rule)}.</p>")
@@ -194,10 +241,10 @@ def summarize(
     """Plain-text summary: counts, the rule, mean signals of kept vs dropped tokens, the samples that say most
     marked up (`chosen_samples`), and where the rest is (`page`, the HTML page)."""
     rule = describe_rule(config, vocab_size, history)
-    rows = sample_tokens(selection, tokenizer)
+    rows = sample_tokens(selection, tokenizer, config.drop_weight)
     flat = [t for row in rows for t in row]
     kept = [t for t in flat if t.status in ("kept", "attention")]
-    dropped = [t for t in flat if t.status == "dropped"]
+    dropped = [t for t in flat if t.status in LEFT_OUT]
     lines = [f"{heading}: {len(rows)} samples, {_headline(_counts(flat), rule)}."]
     wrap = dict(initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
     lines += textwrap.wrap(f"Selection, {rule.name}: {rule.text}", 116, **wrap)  # paths stay whole
@@ -207,14 +254,19 @@ def summarize(
             sign = "+" if name == "REL" else ""
             pair = [_mean([_values(t)[name] for t in group]) for group in (kept, dropped)]
             means.append(f"{name} {pair[0]:{sign}.4f} | {pair[1]:{sign}.4f}")
-        lines.append(f"  mean over kept | dropped tokens: {', '.join(means)}")
+        left = "left out" if rule.drop_weight else "dropped"
+        lines.append(f"  mean over kept | {left} tokens: {', '.join(means)}")
     braces = ", {kept thanks to the attention score} in braces" if "attention" in _statuses(rule) else ""
-    lines.append(f"  kept tokens as they are, [dropped] in brackets{braces}:")
-    marks = {"prompt": "{}", "kept": "{}", "attention": "{{{}}}", "dropped": "[{}]"}
+    left = f"[left out, trained at weight {rule.drop_weight:g}]" if rule.drop_weight else "[dropped]"
+    lines.append(f"  kept tokens as they are, {left} in brackets{braces}:")
+    marks = {"prompt": "{}", "kept": "{}", "attention": "{{{}}}", "down": "[{}]", "dropped": "[{}]"}
     shown = chosen_samples(rows, max_samples)
     for i in shown:
         text = "".join(marks[t.status].format(t.text) for t in rows[i]).replace("\n", "\\n")
         lines.append(f"  sample {i + 1}: {text}")
+    note = content_note(flat)
+    if note:
+        lines += textwrap.wrap(f"Note: {note}", 116, **wrap)
     rest = len(rows) - len(shown)
     if page is not None:
         other = f"The other {rest} samples, and" if rest else "These samples, and"
@@ -224,4 +276,13 @@ def summarize(
     return "\n".join(lines)
 
 
-__all__ = ["STATUSES", "Token", "chosen_samples", "render_html", "sample_tokens", "summarize"]
+__all__ = [
+    "STATUSES",
+    "Token",
+    "chosen_samples",
+    "content_note",
+    "looks_like_content",
+    "render_html",
+    "sample_tokens",
+    "summarize",
+]
