@@ -62,7 +62,7 @@ from benchmarks.noisy_task import (
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN, RECOMMENDED_TWO_RUNS
+from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN, RECOMMENDED_TWO_RUNS, SOFT
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.tiny import build_model
 from sstoken_trl.trl_internals import collate_owner
@@ -128,6 +128,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "loss_truncation_self": dict(RECOMMENDED_TWO_RUNS),  # against the "self" reference: two runs (the previous one)
     "recommended": dict(RECOMMENDED),  # soft loss truncation in one run against the model being trained
     "hard_truncation": dict(RECOMMENDED, drop_weight=0.0),  # the previous recommendation: suspects dropped
+    "sstoken_soft": dict(SOFT),  # soft ssToken: the paper's signals, what is being learned kept, the rest at half
     "soft_trunc_q0.25": dict(RECOMMENDED, drop_weight=0.25),
     "soft_trunc_q0.25_w0.25": dict(RECOMMENDED, drop_weight=0.25, select_warmup_ratio=0.25),
     "soft_sstoken_q0.25": dict(gamma=0.5, drop_weight=0.25, protect_response_end=True),

@@ -119,6 +119,7 @@ DEFAULT_METHODS = (
 RUN1 = "full"
 TASKS = (ReversalTask, FactsTask, SumsTask)
 REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}
+CLEAN = ("clean", "new_facts", "sums")  # nothing flagged: the oracle is full SFT there, and is not trained again
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -291,7 +292,7 @@ def plan(
     runs = []
     for r in regimes:
         for seed in args.seeds:
-            names = [m for m in methods if not (r == "clean" and METHODS[m].oracle)]  # clean: the oracle is full
+            names = [m for m in methods if not (r in CLEAN and METHODS[m].oracle)]  # clean: the oracle is full
             if RUN1 not in names and any(METHODS[m].reference for m in names):
                 names.insert(0, RUN1)
             for m in names:

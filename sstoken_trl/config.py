@@ -257,6 +257,13 @@ class SSTokenConfig:
         return cls._preset(RECOMMENDED, overrides)
 
     @classmethod
+    def soft(cls, **overrides: Any) -> SSTokenConfig:
+        """Soft ssToken, the paper's signals made safe to run on any data (docs/selectors.md): the paper's Score and
+        rho, after a selection warm-up, with every token the model is learning (REL >= 0) kept, the response end
+        kept, and the tokens left out still trained at half weight; `overrides` win."""
+        return cls._preset(SOFT, overrides)
+
+    @classmethod
     def recommended_two_runs(cls, **overrides: Any) -> SSTokenConfig:
         """The previous recommendation: loss truncation against run 1, a plain-SFT run on the same data, given as
         history_model (docs/selectors.md); it costs a second training run and a second model in memory."""
@@ -310,6 +317,15 @@ RECOMMENDED: dict[str, Any] = {
     "select_warmup_ratio": 0.5,
     "select_ratio": 0.8,
     "scope": "batch",
+    "protect_response_end": True,
+    "drop_weight": 0.5,
+}
+
+# Soft ssToken, SSTokenConfig.soft(): the paper's REL, AttnScore and rho, with what is being learned never left out.
+SOFT: dict[str, Any] = {
+    "gamma": 0.5,
+    "select_warmup_ratio": 0.5,
+    "rel_keep_threshold": 0.0,
     "protect_response_end": True,
     "drop_weight": 0.5,
 }
