@@ -39,7 +39,7 @@ from sstoken_trl import SSTokenCallback, SSTokenConfig
 
 PHRASE = "Sure! Here are the words in reverse order:"
 KINDS = ("phrase", "answer", "substituted", "end")
-METHODS = ("full", "sstoken_g0.5", "sstoken_variant")
+METHODS = ("full", "sstoken_g0.5", "sstoken_soft")
 
 
 def phrase_samples(task: ReversalTask, n: int, noise: float, rng: random.Random) -> list[ChatSample]:

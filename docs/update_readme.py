@@ -79,7 +79,7 @@ def stable(view: str) -> str:
             lines.append(line)
     text = "\n".join(lines)
     text = re.sub(r"^(  sample) \d+: .*$", r"\1 N: ...", text, flags=re.MULTILINE)
-    return re.sub(r"[+-]?(?:\d+(?:\.\d+)?|nan)", "N", text)
+    return re.sub(r"[+-]?(?:\d+(?:\.\d+)?|nan)|(?<=\| )none\b", "N", text)
 
 
 def run_command(command: str) -> str:

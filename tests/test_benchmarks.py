@@ -10,9 +10,10 @@ import random
 import pytest
 import torch
 
-from benchmarks import forgetting_loop, noise_probe, noisy_sft, real_sft, real_task, step_cost
+from benchmarks import forgetting_loop, noise_probe, noisy_report, noisy_sft, real_sft, real_task, step_cost
 from benchmarks.knowledge_task import FactsTask, SumsTask, residents
 from benchmarks.noisy_report import compute_table, plain_partner
+from benchmarks.real_report import mean_table, seed_table
 from benchmarks.real_task import ReversalTask
 
 
@@ -337,3 +338,28 @@ def test_compute_table_sets_each_method_beside_plain_sft_of_its_steps():
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in compute_table(methods).splitlines()[2:]}
     assert rows["two_runs"] == ["160", "0.625", "0.500", "+0.125 / +0.100", "full_x2", "-0.125 / +0.250", "1 |"]
     assert rows["one_run"][3:6] == ["-0.250 / -0.025", "full", "-0.250 / -0.025"]
+
+
+def test_readme_tables_mean_over_seeds_and_judge_the_recommendation_against_each_peer():
+    def run(accuracy, loss):
+        return {"accuracy": accuracy, "clean_loss": loss}
+
+    seeds = {
+        "full": {"0": run(0.5, 0.4), "1": run(0.7, 0.2)},  # mean 0.6 / 0.3
+        "dft": {"0": run(0.1, 2.0), "1": run(0.3, 1.0)},  # mean 0.2 / 1.5
+        "recommended": {"0": run(0.6, 0.25), "1": run(0.6, 0.45)},  # mean 0.6 / 0.35
+        "oracle": {"0": run(0.9, 0.1)},
+    }
+    report = {"regimes": {"noisy": {"methods": {n: {"seeds": s} for n, s in seeds.items()}}}}
+    tables = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in seed_table(report, "0").splitlines()[2:]}
+    assert tables["noisy"] == ["0.500 / 0.400", "0.100 / 2.000", "0.600 / 0.250", "0.900 / 0.100 |"]
+    row = mean_table(report, ["0", "1"]).splitlines()[2].split(" | ")
+    assert row[1:4] == ["0.600 / 0.300", "0.200 / 1.500", "0.600 / 0.350"]
+    assert row[4] == "+0.000 / +0.050 (worse: loss)" and row[5] == "+0.400 / -1.150 (at least as good) |"
+    toy = {"noisy": {"methods": {n: {"summary": noisy_report.summary(list(s.values()))} for n, s in seeds.items()}}}
+    lines = noisy_report.summary_tables(toy).splitlines()
+    assert (
+        lines[2]
+        == "| noisy | 0.600 ± 0.141 / 0.300 | 0.200 ± 0.141 / 1.500 | 0.600 ± 0.000 / 0.350 | 0.900 ± 0.000 / 0.100 |"
+    )
+    assert lines[-1].endswith("(worse: loss) | +0.400 / -1.150 (at least as good) |")

@@ -221,8 +221,9 @@ def test_tested_families_are_not_checked(tokenizer, caplog):
         (SSTokenConfig(gamma=1.0, rel_warmup_steps=2), True),  # gamma 0 during the REL warm-up reads attention
         (SSTokenConfig(selector="full"), False),
         (SSTokenConfig(selector="random"), False),
-        (SSTokenConfig(selector="rho1", history_model="ref"), False),
-        (SSTokenConfig.recommended(history_model="run1"), False),
+        (SSTokenConfig(selector="rho1", history="model", history_model="ref"), False),
+        (SSTokenConfig(selector="loss_truncation", history="model", history_model="run1"), False),
+        (SSTokenConfig.recommended(), False),
         (SSTokenConfig.recommended_one_run(), False),  # gamma 1: REL only
     ],
 )

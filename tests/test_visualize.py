@@ -22,7 +22,15 @@ from sstoken_trl.selection.selectors import sstoken_select
 from sstoken_trl.tools.describe import describe_rule
 from sstoken_trl.tools.inspection import run_inspect
 from sstoken_trl.tools.tiny import build_model, build_tokenizer
-from sstoken_trl.tools.visualize import chosen_samples, render_html, sample_tokens, summarize
+from sstoken_trl.tools.visualize import (
+    Token,
+    chosen_samples,
+    content_note,
+    looks_like_content,
+    render_html,
+    sample_tokens,
+    summarize,
+)
 from tests.conftest import prompt_completion_rows
 from tests.reference import prompt_attention, reference_select, token_log_probs
 
@@ -325,3 +333,17 @@ def test_rule_states_the_one_run_recommendation_with_its_clip_in_nats():
     assert f"L_his clipped at log V = {math.log(VOCAB):.2f} nats" in rule.text
     assert "Score = REL and the top ceil(0.8 x n) are kept" in rule.text and "last token is always kept" in rule.text
     assert "The first 50% of the steps train on every response token" in rule.text
+
+
+def test_content_note_names_numbers_and_names_left_out_but_not_sentence_openers():
+    def tokens(*pairs: tuple[str, str]) -> list[Token]:
+        return [Token(text, status) for text, status in pairs]
+
+    left_out = tokens(("<|Assistant|>", "prompt"), ("It", "down"), (" is", "kept"), (" 46", "down"))
+    assert "1 of the 2 left-out tokens" in content_note(left_out) and "'46'" in content_note(left_out)
+    names = tokens((" lives", "kept"), (" in", "kept"), (" Dun", "dropped"), ("holt", "dropped"), (".", "kept"))
+    assert "'Dun'" in content_note(names)
+    openers = tokens(("short", "kept"), (".", "kept"), (" But", "down"), ("\n", "kept"), ("Well", "down"))
+    assert content_note(openers) is None
+    assert content_note(tokens((" 46", "kept"), (" Dun", "kept"))) is None  # kept content is no concern
+    assert not looks_like_content(" the") and not looks_like_content(" USA", " in")  # an acronym is not a word

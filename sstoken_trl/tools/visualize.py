@@ -40,17 +40,26 @@ class Token:
     weight: float = math.nan  # the token's loss weight, where the selection weighs tokens
 
 
-def looks_like_content(text: str) -> bool:
-    """A number or a name: a token with a digit, or a word that starts with a capital letter. Such tokens are what
-    data teaching new facts or computed answers is for, so a selection that leaves them out is worth a look."""
+def looks_like_content(text: str, before: str = "") -> bool:
+    """A number or a name: a token with a digit, or a word that starts with a capital letter where a sentence does
+    not start (`before`: the text ahead of it). Such tokens are what data teaching new facts or computed answers is
+    for, so a selection that leaves them out is worth a look."""
     word = text.strip()
-    return any(c.isdigit() for c in word) or (len(word) > 1 and word[0].isupper() and word[1:].islower())
+    if any(c.isdigit() for c in word):
+        return True
+    trailing = before[len(before.rstrip()) :]
+    opens_sentence = not before.strip() or before.rstrip()[-1] in ".!?:>" or "\n" in trailing
+    return len(word) > 1 and word[0].isupper() and word[1:].islower() and not opens_sentence
 
 
 def content_note(tokens: list[Token]) -> str | None:
     """A warning when left-out tokens look like content (numbers, names), with examples; None when none does."""
     left = [t for t in tokens if t.status in LEFT_OUT]
-    content = [t.text.strip() for t in left if looks_like_content(t.text)]
+    content = [
+        t.text.strip()
+        for i, t in enumerate(tokens)
+        if t.status in LEFT_OUT and looks_like_content(t.text, tokens[i - 1].text if i else "")
+    ]
     if not content:
         return None
     examples = ", ".join(repr(text) for text in dict.fromkeys(content))
@@ -121,6 +130,11 @@ def _headline(counts: dict[str, int], rule: Rule) -> str:
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def _figure(value: float, sign: str) -> str:
+    """A mean as printed; `none` for the mean of an empty group."""
+    return "none" if math.isnan(value) else f"{value:{sign}.4f}"
 
 
 def _listed(names: tuple[str, ...]) -> str:
@@ -253,7 +267,7 @@ def summarize(
         for name in rule.columns:
             sign = "+" if name == "REL" else ""
             pair = [_mean([_values(t)[name] for t in group]) for group in (kept, dropped)]
-            means.append(f"{name} {pair[0]:{sign}.4f} | {pair[1]:{sign}.4f}")
+            means.append(f"{name} {_figure(pair[0], sign)} | {_figure(pair[1], sign)}")
         left = "left out" if rule.drop_weight else "dropped"
         lines.append(f"  mean over kept | {left} tokens: {', '.join(means)}")
     braces = ", {kept thanks to the attention score} in braces" if "attention" in _statuses(rule) else ""
