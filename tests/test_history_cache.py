@@ -174,7 +174,9 @@ def test_cache_passes_leave_the_collators_counts_to_training(tokenizer, tmp_path
     counts = {}
     for history in ("base", "cache"):
         collator = SSTokenCollator(tokenizer)
-        sstoken = SSTokenCallback(SSTokenConfig(history=history, history_cache_dir=str(tmp_path / "losses")))
+        sstoken = SSTokenCallback(
+            SSTokenConfig(history=history, history_cache_dir=str(tmp_path / "losses") if history == "cache" else None)
+        )
         trainer = SFTTrainer(
             model=build_model("llama", len(tokenizer)),
             args=SFTConfig(

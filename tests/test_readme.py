@@ -94,6 +94,10 @@ def test_output_views_drop_log_lines_and_stable_parts_mask_figures():
     assert update_readme.stable(wrapped) == "  Selection, x: above log V = N nats (V = N)\n  sample N: ..."
     assert update_readme.stable("REL nan | -1.5") == update_readme.stable("REL +0.2 | 3")
     assert update_readme.stable("Score -0.5 | none, Weight") == update_readme.stable("Score -0.5 | 4.6, Weight")
+    assert (
+        update_readme.stable("  sample 1: a[ 4]\n  Note: 1 of the 2 left-out\n    tokens\nend")
+        == "  sample N: ...\nend"
+    )
 
 
 def test_every_recipe_and_accelerate_config_is_documented_and_exists():

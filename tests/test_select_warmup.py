@@ -49,7 +49,8 @@ def test_budget_counts_ceil_rho_n_when_collated_and_every_token_once_marked_as_a
 
 
 ROWS = prompt_completion_rows(48)
-RECOMMENDED = SSTokenConfig.recommended(surprise_nats=0.01)  # after the warm-up, selection drops tokens every step
+# The hard form (drop_weight 0): after the warm-up selection drops tokens every step, and the kept count shows it.
+RECOMMENDED = SSTokenConfig.recommended(surprise_nats=0.01, drop_weight=0.0)
 
 
 class CountingTrainer(SFTTrainer):
