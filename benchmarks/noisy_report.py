@@ -21,6 +21,7 @@ COLUMNS = {
 FULL, ORACLE = "full", "oracle"
 ORDER = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "hard_truncation", "oracle")
 RECOMMENDED, PEERS = "recommended", ("full", "dft")  # the README's bar: at least as good as each peer
+LEVEL = 0.0005  # a difference smaller than the three decimals shown is level
 PLAIN = re.compile(r"full(_x\d+)?")  # plain SFT: full, and full_x2 ... trained for that many times the steps
 
 
@@ -137,9 +138,9 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def versus(mean: dict[str, float], other: dict[str, float]) -> str:
     """`mean` against `other` on exact match and clean loss: the differences, and whether it is at least as good on
-    both (exact match not lower, clean loss not higher)."""
+    both (exact match not lower, clean loss not higher, by more than LEVEL: the precision shown)."""
     gain, loss = mean["accuracy"] - other["accuracy"], mean["clean_loss"] - other["clean_loss"]
-    worse = [name for name, bad in (("exact match", gain < 0), ("loss", loss > 0)) if bad]
+    worse = [name for name, bad in (("exact match", gain < -LEVEL), ("loss", loss > LEVEL)) if bad]
     return f"{gain:+.3f} / {loss:+.3f} ({'at least as good' if not worse else 'worse: ' + ', '.join(worse)})"
 
 

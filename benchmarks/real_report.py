@@ -63,20 +63,34 @@ def seed_table(report: dict[str, Any], seed: str) -> str:
     return markdown(["regime", *names], rows)
 
 
+def _mean(methods: dict[str, Any], name: str, seeds: list[str]) -> dict[str, float] | None:
+    runs = [methods.get(name, {}).get("seeds", {}).get(seed) for seed in seeds]
+    if not seeds or not all(runs):
+        return None
+    return {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "clean_loss")}
+
+
 def mean_table(report: dict[str, Any], seeds: list[str]) -> str:
-    """Regimes x the recommendation and its peers (PEERS), mean over `seeds` (runs with every one of them), and the
-    recommendation against each peer at equal steps (= equal compute: each is one run of the same steps)."""
+    """Regimes x the recommendation and its peers (PEERS), mean over the `seeds` each ran (named where not all), and
+    the recommendation against each peer on the seeds both ran, at equal steps (= equal compute: each is one run of
+    the same steps)."""
     rows = []
     for regime, part in report["regimes"].items():
-        mean = {}
-        for name in (*PEERS, RECOMMENDED):
-            runs = [part["methods"].get(name, {}).get("seeds", {}).get(seed) for seed in seeds]
-            if all(runs):
-                mean[name] = {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "clean_loss")}
-        cells = [f"{mean[n]['accuracy']:.3f} / {mean[n]['clean_loss']:.3f}" if n in mean else "-" for n in mean]
-        if len(mean) < len(PEERS) + 1:
+        methods = part["methods"]
+        ran = {n: [s for s in seeds if s in methods.get(n, {}).get("seeds", {})] for n in (*PEERS, RECOMMENDED)}
+        if not ran[RECOMMENDED]:
             continue
-        rows.append([regime, *cells, *(versus(mean[RECOMMENDED], mean[p]) for p in PEERS)])
+        cells, versus_cells = [], []
+        for name in (*PEERS, RECOMMENDED):
+            mean = _mean(methods, name, ran[name])
+            note = "" if ran[name] == seeds else f" (seed {', '.join(ran[name])})"
+            cells.append(f"{mean['accuracy']:.3f} / {mean['clean_loss']:.3f}{note}" if mean else "-")
+        for peer in PEERS:
+            both = [s for s in ran[RECOMMENDED] if s in ran[peer]]
+            pair = _mean(methods, RECOMMENDED, both), _mean(methods, peer, both)
+            note = "" if both == seeds else f" (seed {', '.join(both)})"
+            versus_cells.append(versus(*pair) + note if pair[0] and pair[1] else "-")
+        rows.append([regime, *cells, *versus_cells])
     header = ["regime", *PEERS, RECOMMENDED, *(f"{RECOMMENDED} vs {p}" for p in PEERS)]
     return markdown(header, rows)
 

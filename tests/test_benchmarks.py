@@ -363,3 +363,10 @@ def test_readme_tables_mean_over_seeds_and_judge_the_recommendation_against_each
         == "| noisy | 0.600 ± 0.141 / 0.300 | 0.200 ± 0.141 / 1.500 | 0.600 ± 0.000 / 0.350 | 0.900 ± 0.000 / 0.100 |"
     )
     assert lines[-1].endswith("(worse: loss) | +0.400 / -1.150 (at least as good) |")
+
+
+def test_a_difference_below_the_precision_shown_is_level():
+    base = {"accuracy": 0.5, "clean_loss": 0.3}
+    assert noisy_report.versus({"accuracy": 0.5, "clean_loss": 0.3004}, base).endswith("(at least as good)")
+    assert noisy_report.versus({"accuracy": 0.5, "clean_loss": 0.301}, base).endswith("(worse: loss)")
+    assert noisy_report.versus({"accuracy": 0.4875, "clean_loss": 0.29}, base).endswith("(worse: exact match)")
