@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--summary", action="store_true", help="only the README's tables")
     args = p.parse_args(argv)
     report = json.loads(Path(args.file).read_text())
-    print_summary(report) if args.summary else print_report(report)
+    if args.summary:
+        print_summary(report)
+    else:
+        print_report(report)
 
 
 if __name__ == "__main__":
