@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.noisy_report import ORDER, PEERS, RECOMMENDED, compute_table, markdown, plain_partner, versus
+from benchmarks.noisy_report import (
+    ORDER,
+    PEERS,
+    RECOMMENDED,
+    compute_table,
+    markdown,
+    plain_partner,
+    summary,
+    versus,
+)
 
 DROPS = {
     "corrupted_dropped_share": "flagged dropped",
@@ -50,58 +59,67 @@ def overview(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def seed_table(report: dict[str, Any], seed: str) -> str:
-    """Regimes x methods (ORDER) of one seed: exact match / clean loss."""
+def _runs(methods: dict[str, Any], name: str, seeds: list[str]) -> list[dict[str, Any]]:
+    """The runs of `name` at those of `seeds` it ran."""
+    ran = methods.get(name, {}).get("seeds", {})
+    return [ran[s] for s in seeds if s in ran]
+
+
+def _seeds_note(methods: dict[str, Any], name: str, seeds: list[str]) -> str:
+    ran = [s for s in seeds if s in methods.get(name, {}).get("seeds", {})]
+    return "" if ran == seeds else f" (seed {', '.join(ran)})"
+
+
+def _cell(runs: list[dict[str, Any]]) -> str:
+    """Exact match (± std over seeds, where more than one) / clean loss, means of `runs`; `-` for none."""
+    if not runs:
+        return "-"
+    s = summary(runs)
+    spread = f" ± {s['accuracy']['std']:.3f}" if len(runs) > 1 else ""
+    return f"{s['accuracy']['mean']:.3f}{spread} / {s['clean_loss']['mean']:.3f}"
+
+
+def method_table(report: dict[str, Any], seeds: list[str]) -> str:
+    """Regimes x methods (ORDER): means over the `seeds` each ran (named where not all)."""
     regimes = report["regimes"]
-    names = [n for n in ORDER if any(seed in p["methods"].get(n, {}).get("seeds", {}) for p in regimes.values())]
+    names = [n for n in ORDER if any(_runs(p["methods"], n, seeds) for p in regimes.values())]
     rows = []
     for regime, part in regimes.items():
-        runs = {n: part["methods"][n]["seeds"].get(seed) for n in names if n in part["methods"]}
+        runs = {n: _runs(part["methods"], n, seeds) for n in names}
         rows.append(
-            [regime, *(f"{r['accuracy']:.3f} / {r['clean_loss']:.3f}" if r else "-" for r in map(runs.get, names))]
+            [regime, *(_cell(runs[n]) + (_seeds_note(part["methods"], n, seeds) if runs[n] else "") for n in names)]
         )
     return markdown(["regime", *names], rows)
 
 
-def _mean(methods: dict[str, Any], name: str, seeds: list[str]) -> dict[str, float] | None:
-    runs = [methods.get(name, {}).get("seeds", {}).get(seed) for seed in seeds]
-    if not seeds or not all(runs):
-        return None
+def _mean(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "clean_loss")}
 
 
-def mean_table(report: dict[str, Any], seeds: list[str]) -> str:
-    """Regimes x the recommendation and its peers (PEERS), mean over the `seeds` each ran (named where not all), and
-    the recommendation against each peer on the seeds both ran, at equal steps (= equal compute: each is one run of
-    the same steps)."""
+def versus_table(report: dict[str, Any], seeds: list[str]) -> str:
+    """The recommendation against each peer (PEERS) per regime, means over the seeds both ran (named where not all),
+    at equal steps (= equal compute: each is one run of the same steps)."""
     rows = []
     for regime, part in report["regimes"].items():
         methods = part["methods"]
-        ran = {n: [s for s in seeds if s in methods.get(n, {}).get("seeds", {})] for n in (*PEERS, RECOMMENDED)}
-        if not ran[RECOMMENDED]:
-            continue
-        cells, versus_cells = [], []
-        for name in (*PEERS, RECOMMENDED):
-            mean = _mean(methods, name, ran[name])
-            note = "" if ran[name] == seeds else f" (seed {', '.join(ran[name])})"
-            cells.append(f"{mean['accuracy']:.3f} / {mean['clean_loss']:.3f}{note}" if mean else "-")
+        cells = []
         for peer in PEERS:
-            both = [s for s in ran[RECOMMENDED] if s in ran[peer]]
-            pair = _mean(methods, RECOMMENDED, both), _mean(methods, peer, both)
+            both = [s for s in seeds if _runs(methods, RECOMMENDED, [s]) and _runs(methods, peer, [s])]
+            pair = _runs(methods, RECOMMENDED, both), _runs(methods, peer, both)
             note = "" if both == seeds else f" (seed {', '.join(both)})"
-            versus_cells.append(versus(*pair) + note if pair[0] and pair[1] else "-")
-        rows.append([regime, *cells, *versus_cells])
-    header = ["regime", *PEERS, RECOMMENDED, *(f"{RECOMMENDED} vs {p}" for p in PEERS)]
-    return markdown(header, rows)
+            cells.append(versus(_mean(pair[0]), _mean(pair[1])) + note if both else "-")
+        if any(c != "-" for c in cells):
+            rows.append([regime, *cells])
+    return markdown(["regime", *(f"{RECOMMENDED} vs {p}" for p in PEERS)], rows)
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    """The README's tables: every method at seed 0, and the recommendation against its peers over every seed."""
+    """The README's tables: every method, and the recommendation against its peers, over every seed."""
     seeds = sorted({s for p in report["regimes"].values() for m in p["methods"].values() for s in m["seeds"]})
-    print("## exact match / clean loss, seed 0\n")
-    print(seed_table(report, "0"))
-    print(f"\n## mean over seeds {', '.join(seeds)}: the recommendation against full SFT and DFT\n")
-    print(mean_table(report, seeds))
+    print(f"## exact match ± std / clean loss, mean over seeds {', '.join(seeds)}\n")
+    print(method_table(report, seeds))
+    print("\n## the recommendation against full SFT and DFT (equal steps = equal compute)\n")
+    print(versus_table(report, seeds))
 
 
 def print_report(report: dict[str, Any]) -> None:

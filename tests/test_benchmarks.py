@@ -13,7 +13,7 @@ import torch
 from benchmarks import forgetting_loop, noise_probe, noisy_report, noisy_sft, real_sft, real_task, step_cost
 from benchmarks.knowledge_task import FactsTask, SumsTask, residents
 from benchmarks.noisy_report import compute_table, plain_partner
-from benchmarks.real_report import mean_table, seed_table
+from benchmarks.real_report import method_table, versus_table
 from benchmarks.real_task import ReversalTask
 
 
@@ -351,11 +351,13 @@ def test_readme_tables_mean_over_seeds_and_judge_the_recommendation_against_each
         "oracle": {"0": run(0.9, 0.1)},
     }
     report = {"regimes": {"noisy": {"methods": {n: {"seeds": s} for n, s in seeds.items()}}}}
-    tables = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in seed_table(report, "0").splitlines()[2:]}
-    assert tables["noisy"] == ["0.500 / 0.400", "0.100 / 2.000", "0.600 / 0.250", "0.900 / 0.100 |"]
-    row = mean_table(report, ["0", "1"]).splitlines()[2].split(" | ")
-    assert row[1:4] == ["0.600 / 0.300", "0.200 / 1.500", "0.600 / 0.350"]
-    assert row[4] == "+0.000 / +0.050 (worse: loss)" and row[5] == "+0.400 / -1.150 (at least as good) |"
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in method_table(report, ["0", "1"]).splitlines()[2:]
+    }
+    assert rows["noisy"][:3] == ["0.600 ± 0.141 / 0.300", "0.200 ± 0.141 / 1.500", "0.600 ± 0.000 / 0.350"]
+    assert rows["noisy"][3] == "0.900 / 0.100 (seed 0) |"
+    row = versus_table(report, ["0", "1"]).splitlines()[2].split(" | ")
+    assert row[1] == "+0.000 / +0.050 (worse: loss)" and row[2] == "+0.400 / -1.150 (at least as good) |"
     toy = {"noisy": {"methods": {n: {"summary": noisy_report.summary(list(s.values()))} for n, s in seeds.items()}}}
     lines = noisy_report.summary_tables(toy).splitlines()
     assert (
@@ -363,6 +365,9 @@ def test_readme_tables_mean_over_seeds_and_judge_the_recommendation_against_each
         == "| noisy | 0.600 ± 0.141 / 0.300 | 0.200 ± 0.141 / 1.500 | 0.600 ± 0.000 / 0.350 | 0.900 ± 0.000 / 0.100 |"
     )
     assert lines[-1].endswith("(worse: loss) | +0.400 / -1.150 (at least as good) |")
+    del seeds["dft"]["1"]  # a peer that ran one seed is compared on that seed only, and says so
+    report = {"regimes": {"noisy": {"methods": {n: {"seeds": s} for n, s in seeds.items()}}}}
+    assert versus_table(report, ["0", "1"]).splitlines()[2].endswith("+0.500 / -1.750 (at least as good) (seed 0) |")
 
 
 def test_a_difference_below_the_precision_shown_is_level():
