@@ -59,41 +59,38 @@ def overview(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _runs(methods: dict[str, Any], name: str, seeds: list[str]) -> list[dict[str, Any]]:
-    """The runs of `name` at those of `seeds` it ran."""
-    ran = methods.get(name, {}).get("seeds", {})
-    return [ran[s] for s in seeds if s in ran]
+def _ran(methods: dict[str, Any], name: str, seeds: list[str]) -> list[str]:
+    """Those of `seeds` that `name` ran."""
+    return [s for s in seeds if s in methods.get(name, {}).get("seeds", {})]
 
 
-def _seeds_note(methods: dict[str, Any], name: str, seeds: list[str]) -> str:
-    ran = [s for s in seeds if s in methods.get(name, {}).get("seeds", {})]
+def _note(ran: list[str], seeds: list[str]) -> str:
+    """Names the seeds a figure stands on where they are not all of `seeds`."""
     return "" if ran == seeds else f" (seed {', '.join(ran)})"
 
 
-def _cell(runs: list[dict[str, Any]]) -> str:
-    """Exact match (± std over seeds, where more than one) / clean loss, means of `runs`; `-` for none."""
-    if not runs:
-        return "-"
-    s = summary(runs)
-    spread = f" ± {s['accuracy']['std']:.3f}" if len(runs) > 1 else ""
-    return f"{s['accuracy']['mean']:.3f}{spread} / {s['clean_loss']['mean']:.3f}"
+def _summary(methods: dict[str, Any], name: str, ran: list[str]) -> dict[str, dict[str, float]]:
+    return summary([methods[name]["seeds"][s] for s in ran])
 
 
 def method_table(report: dict[str, Any], seeds: list[str]) -> str:
-    """Regimes x methods (ORDER): means over the `seeds` each ran (named where not all)."""
+    """Regimes x methods (ORDER): exact match (± std over seeds, where more than one) / clean loss, means over the
+    `seeds` each ran (named where not all); `-` where it ran none."""
     regimes = report["regimes"]
-    names = [n for n in ORDER if any(_runs(p["methods"], n, seeds) for p in regimes.values())]
+    names = [n for n in ORDER if any(_ran(p["methods"], n, seeds) for p in regimes.values())]
     rows = []
     for regime, part in regimes.items():
-        runs = {n: _runs(part["methods"], n, seeds) for n in names}
-        rows.append(
-            [regime, *(_cell(runs[n]) + (_seeds_note(part["methods"], n, seeds) if runs[n] else "") for n in names)]
-        )
+        cells = []
+        for name in names:
+            ran = _ran(part["methods"], name, seeds)
+            if not ran:
+                cells.append("-")
+                continue
+            s = _summary(part["methods"], name, ran)
+            spread = f" ± {s['accuracy']['std']:.3f}" if len(ran) > 1 else ""
+            cells.append(f"{s['accuracy']['mean']:.3f}{spread} / {s['clean_loss']['mean']:.3f}{_note(ran, seeds)}")
+        rows.append([regime, *cells])
     return markdown(["regime", *names], rows)
-
-
-def _mean(runs: list[dict[str, Any]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "clean_loss")}
 
 
 def versus_table(report: dict[str, Any], seeds: list[str]) -> str:
@@ -104,10 +101,12 @@ def versus_table(report: dict[str, Any], seeds: list[str]) -> str:
         methods = part["methods"]
         cells = []
         for peer in PEERS:
-            both = [s for s in seeds if _runs(methods, RECOMMENDED, [s]) and _runs(methods, peer, [s])]
-            pair = _runs(methods, RECOMMENDED, both), _runs(methods, peer, both)
-            note = "" if both == seeds else f" (seed {', '.join(both)})"
-            cells.append(versus(_mean(pair[0]), _mean(pair[1])) + note if both else "-")
+            both = [s for s in _ran(methods, RECOMMENDED, seeds) if s in _ran(methods, peer, seeds)]
+            if not both:
+                cells.append("-")
+                continue
+            mean = {n: {k: v["mean"] for k, v in _summary(methods, n, both).items()} for n in (RECOMMENDED, peer)}
+            cells.append(versus(mean[RECOMMENDED], mean[peer]) + _note(both, seeds))
         if any(c != "-" for c in cells):
             rows.append([regime, *cells])
     return markdown(["regime", *(f"{RECOMMENDED} vs {p}" for p in PEERS)], rows)
