@@ -6,7 +6,12 @@ Two layers: layer 0 slides (window 4) where the family can, layer 1 is global, s
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
+import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from sstoken_trl.tools.tiny import TINY_SHAPE
@@ -48,8 +53,23 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "gpt_neox": {},
     "phi": {"qk_layernorm": True},
     "gpt2": {},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
 }
+# Families whose attention goes through transformers' attention registry only from a given transformers release:
+# before it, the structural gate must stop them (no registry call).
+REGISTRY_SINCE = {"falcon": "5.25.0"}
 EAGER_ONLY = {"gemma2", "gpt_oss"}  # transformers refuses sdpa for these (softcap, sinks)
+
+
+def scored_here(model_type: str) -> bool:
+    """Whether the installed transformers routes the family's attention through the registry (so it is scored)."""
+    since = REGISTRY_SINCE.get(model_type)
+    return since is None or Version(transformers.__version__) >= Version(since)
+
+
+def gate_stops() -> AbstractContextManager:
+    """The error a family gets where its layer makes no registry call."""
+    return pytest.raises(ValueError, match="made no call into transformers' attention registry")
 
 
 def family_config(model_type: str, vocab_size: int, **overrides) -> PretrainedConfig:

@@ -15,7 +15,7 @@ import torch
 from sstoken_trl.adapters import TESTED_FAMILIES, attention_modules, last_global_layer, layer_windows
 from sstoken_trl.scoring.hook import AttnScoreHook
 from sstoken_trl.scoring.layout import batch_layout
-from tests.families import EAGER_ONLY, FAMILY_CONFIGS, WINDOW, build_family_model
+from tests.families import EAGER_ONLY, FAMILY_CONFIGS, WINDOW, build_family_model, gate_stops, scored_here
 from tests.test_attn_score import LAYOUTS, VOCAB, make_batch
 
 FAMILIES = list(FAMILY_CONFIGS)
@@ -66,6 +66,10 @@ def test_family_score_matches_eager_output_attentions(model_type, layout_name, b
     if model_type == "gpt_oss" and layout_name == "packed":
         pytest.skip("transformers' GPT-OSS builds its eager mask without position_ids: documents mix (not a reference)")
     inputs, labels = make_batch(layout_name)
+    if not scored_here(model_type):
+        with gate_stops():
+            hooked(model_type, inputs, labels, 1, backend)
+        return
     windows = layer_windows(model(model_type, "sdpa"))
     for layer in (0, 1):
         score, layout, window = hooked(model_type, inputs, labels, layer, backend)
@@ -80,6 +84,10 @@ def test_family_score_matches_eager_output_attentions(model_type, layout_name, b
 def test_recompute_path_scores_the_same(model_type):
     # The path taken when dropout inside the layer is active: a no-grad recompute stopped at the attention call.
     inputs, labels = make_batch("left")
+    if not scored_here(model_type):
+        with gate_stops():
+            hooked(model_type, inputs, labels, 1, "sdpa", recompute=True)
+        return
     for layer in (0, 1):
         score, layout, _ = hooked(model_type, inputs, labels, layer, "sdpa", recompute=True)
         expected = eager_reference(model_type, inputs, labels, layer)

@@ -221,3 +221,19 @@ def test_no_accelerate_state_is_created_where_none_exists(tmp_path, source, monk
 
     assert run_children([work]) == [0]
     assert json.loads((tmp_path / "state").read_text()) == {}
+
+
+def test_another_transformers_or_gguf_version_converts_again(tmp_path, source, monkeypatch):
+    """A conversion is keyed on the versions that made it: another one may read the file differently."""
+    cache, log = tmp_path / "cache", tmp_path / "log"
+    monkeypatch.setattr(gguf, "convert", stand_in(log, pause=0))
+    first = gguf_checkpoint(source, cache)
+    assert gguf_checkpoint(source, cache) == first and len(conversions(log)) == 1  # same versions: reused
+    monkeypatch.setattr(gguf.transformers, "__version__", "9.99.0")
+    second = gguf_checkpoint(source, cache)
+    monkeypatch.setattr(gguf, "version", lambda name: "0.0.1")
+    third = gguf_checkpoint(source, cache)
+    assert len({first, second, third}) == 3 and len(conversions(log)) == 3
+    assert all(Path(folder).is_dir() for folder in (first, second, third))  # the others stay for their runs
+    recorded = json.loads((Path(third) / RECORD).read_text())["converted_by"]
+    assert recorded == {"transformers": "9.99.0", "gguf": "0.0.1"}

@@ -1,51 +1,122 @@
-"""The two third-party notices filtered at import: only those, and the bitsandbytes one shown when it matters."""
+"""Third-party notices held back by where they come from, not by their wording; the 4-bit CPU notice in our words."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
+import pytest
+import torch
+from torch import nn
+
 from sstoken_trl import notices
+from tests.test_cli import _command
 
-NOTICE = notices.KERNEL_NOTICE + ": %s. Please make sure you already `pip install kernels`"
-
-
-def _bnb_record(cause: BaseException) -> logging.LogRecord:
-    """A record as bitsandbytes' CPU backend logs it (`logger.warning(msg, exc)`)."""
-    logger = logging.getLogger(notices.BNB_CPU_LOGGER)
-    return logger.makeRecord(notices.BNB_CPU_LOGGER, logging.WARNING, "ops.py", 253, NOTICE, (cause,), None)
+FAKE_PACKAGE = """
+import logging, warnings
+logging.getLogger(__name__ + ".backends.cpu").warning("Whatever a %s release says", "future")
+logging.getLogger("fake_kernels").warning("could not reach the hub")
+logging.getLogger("unrelated_pkg").warning("an unrelated warning")
+warnings.warn("a warning raised from the package's own file", UserWarning)
+"""
 
 
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
-        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        self.lines.append(record.getMessage())
 
 
-def test_only_the_missing_kernels_notice_is_held_and_replayed_once():
-    logger = logging.getLogger(notices.BNB_CPU_LOGGER)
-    notices.replay_kernel_notice()  # whatever the import of bitsandbytes held, before the handler below
-    collect = _Collect()
-    logger.addHandler(collect)
+def test_import_holds_whatever_its_loggers_say_and_nothing_else(tmp_path, monkeypatch):
+    package = tmp_path / "fake_bnb_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(FAKE_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shown = _Collect()
+    logging.getLogger().addHandler(shown)
     try:
-        missing = ModuleNotFoundError("No module named 'kernels'", name="kernels")
-        logger.handle(_bnb_record(missing))
-        assert collect.records == []  # held back
-        broken = RuntimeError("kernel build failed")  # `kernels` installed but failing: a real problem
-        other = ModuleNotFoundError("No module named 'torch_x'", name="torch_x")
-        logger.handle(_bnb_record(broken))
-        logger.handle(_bnb_record(other))
-        logger.warning("another bitsandbytes warning")
-        assert [r.args for r in collect.records] == [(broken,), (other,), ()]  # shown
-        notices.replay_kernel_notice()  # a 4-bit model runs on the CPU: now it matters
-        assert [r.args for r in collect.records][3:] == [(missing,)]
-        notices.replay_kernel_notice()  # once
-        assert len(collect.records) == 4
+        with warnings.catch_warnings(record=True) as passed:
+            warnings.simplefilter("always")
+            held = notices.import_quietly("fake_bnb_pkg", ("fake_bnb_pkg", "fake_kernels"))
     finally:
-        logger.removeHandler(collect)
+        logging.getLogger().removeHandler(shown)
+        sys.modules.pop("fake_bnb_pkg", None)
+    assert held == [
+        "fake_bnb_pkg.backends.cpu: Whatever a future release says",
+        "fake_kernels: could not reach the hub",
+        "UserWarning: a warning raised from the package's own file",
+    ]
+    assert shown.lines == ["an unrelated warning"] and passed == []
+    assert logging.getLogger("fake_bnb_pkg").propagate and not logging.getLogger("fake_bnb_pkg").handlers
+    assert notices.import_quietly("fake_bnb_pkg_missing", ("x",)) == []  # not installed: nothing to import
+
+
+def _hide_kernels(tmp_path) -> dict[str, str]:
+    """An environment where `import kernels` fails as if the package were not installed."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['kernels'] = None  # not installed\n")
+    return {"PYTHONPATH": str(site)}
+
+
+CAUSES = ["hub_unreachable", "hub_offline", "kernels_missing"]
+
+
+def _environment(cause: str, tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if cause == "hub_offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    if cause == "kernels_missing":
+        env.update(_hide_kernels(tmp_path))
+    return env
+
+
+@pytest.mark.parametrize("cause", CAUSES)
+def test_importing_the_package_prints_nothing_whatever_the_kernel_fetch_says(cause, tmp_path):
+    env = _environment(cause, tmp_path)
+    ours = "import json, sstoken_trl; from sstoken_trl import notices; print(json.dumps(notices.held))"
+    done = subprocess.run([sys.executable, "-c", ours], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    held = json.loads(done.stdout)
+    # Without this package, bitsandbytes prints at import exactly when there is something to hold (on this CPU).
+    plain = subprocess.run(
+        [sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert bool(held) == ("gemm_4bit_forward" in plain.stderr), (held, plain.stderr)
+    if held and cause == "kernels_missing":
+        assert "kernels" in held[0]
+
+
+@pytest.mark.parametrize("command", ["sstoken-train", "sstoken-inspect"])
+def test_help_without_kernels_prints_no_third_party_line(command, tmp_path):
+    env = {**os.environ, **_hide_kernels(tmp_path)}
+    done = subprocess.run([_command(command), "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "usage:" in done.stdout and "kernels" not in done.stdout
+
+
+def test_four_bit_weights_on_the_cpu_are_told_once_in_our_words(monkeypatch, caplog):
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(notices, "held", ["bitsandbytes.backends.cpu.ops: Failed to load a kernel: no network"])
+    monkeypatch.setattr(notices, "_told", False)
+    four_bit = nn.Sequential(bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32))
+    with caplog.at_level(logging.WARNING, logger="sstoken_trl.notices"):
+        assert not notices.four_bit_on_cpu(nn.Linear(16, 16))  # no 4-bit weights: nothing to say
+        assert notices.four_bit_on_cpu(four_bit)
+        assert not notices.four_bit_on_cpu(four_bit)  # once
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "4-bit weights are on the CPU" in message and "slower" in message and "pip install" in message
+    assert message.endswith("bitsandbytes said: bitsandbytes.backends.cpu.ops: Failed to load a kernel: no network")
+    monkeypatch.setattr(notices, "_told", False)
+    monkeypatch.setattr(notices, "held", [])
+    assert not notices.four_bit_on_cpu(four_bit)  # the import said nothing: nothing to tell
 
 
 def test_only_the_is_gradient_checkpointing_warning_is_ignored():

@@ -197,3 +197,54 @@ def test_well_formed_values_of_every_shape_are_taken(tmp_path):
     assert recipe.model.lora_target_modules == "all-linear" and recipe.training.learning_rate == 1e-4
     assert recipe.training.save_strategy == "no" and recipe.training.model_init_kwargs == {"low_cpu_mem_usage": True}
     assert recipe.sstoken.select_ratio == 0.5 and recipe.sstoken.history_model is None
+
+
+def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    body = yaml.safe_dump(BASE)
+    path.write_text(f"learning_rate: 1.0e-4\n{body}learning_rate: 2.0e-4\n")
+    err = run_main(["--config", str(path)], capsys)
+    last = len(body.splitlines()) + 2
+    assert f"the key learning_rate is given twice (lines 1 and {last})" in err and "keep one of them" in err
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(f"{body}env:\n  A: '1'\n  A: '2'\n")
+    assert "the key A is given twice" in run_main(["--config", str(nested)], capsys)
+
+
+@pytest.mark.parametrize(
+    ("keys", "said"),
+    [
+        ({"learning_rate": 0.0}, "learning_rate: 0.0 cannot train: learning_rate takes a positive number"),
+        ({"learning_rate": -1.0e-4}, "learning_rate: -0.0001 cannot train: learning_rate takes a positive number"),
+        ({"max_steps": 0}, "max_steps: 0 cannot train: max_steps takes a positive whole number, or -1"),
+        ({"max_steps": -5}, "max_steps: -5 cannot train: max_steps takes a positive whole number, or -1"),
+        ({"max_steps": -1, "num_train_epochs": 0}, "num_train_epochs: 0 cannot train: num_train_epochs takes"),
+    ],
+)
+def test_training_that_cannot_train_stops_before_loading(tmp_path, capsys, keys, said):
+    recipe = write_recipe(tmp_path, **keys)
+    assert f"{recipe}: {said}" in run_main(["--config", recipe], capsys)
+    flag, value = next(iter(keys.items()))
+    if len(keys) == 1:  # the same value as a flag is named as a flag
+        err = run_main(["--config", write_recipe(tmp_path), f"--{flag}", str(value)], capsys)
+        assert f"error: --{flag} {value}" in err and "cannot train" in err
+
+
+def test_inspect_runs_the_recipe_checks_of_train(tmp_path, capsys):
+    from sstoken_trl.tools.inspection import main as inspect_main
+
+    def inspect_error(text: str) -> str:
+        path = tmp_path / "inspect.yaml"
+        path.write_text("model: m\ndata: d.jsonl\n" + text)
+        with pytest.raises(SystemExit) as exit_info:
+            inspect_main(["--config", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("sstoken-inspect: error: "), err
+        return err
+
+    assert "the key sstoken_gamma is given twice (lines 3 and 4)" in inspect_error(
+        "sstoken_gamma: 0.5\nsstoken_gamma: 1\n"
+    )
+    assert "sstoken_select_ratio has no value, and it takes a number" in inspect_error("sstoken_select_ratio:\n")
+    assert "unknown key(s) 'lora_rank': not a field of sstoken-inspect's arguments" in inspect_error("lora_rank: 8\n")
+    assert "not valid YAML" in inspect_error("model: [unclosed\n")

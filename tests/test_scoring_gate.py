@@ -15,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
@@ -26,7 +27,7 @@ from sstoken_trl.scoring.hook import AttnScoreHook, hook_scoring_layer
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.tools.tiny import TINY_SHAPE
 from tests.conftest import cpu_sft_args, prompt_completion_rows
-from tests.families import FAMILY_CONFIGS, build_family_model
+from tests.families import FAMILY_CONFIGS, build_family_model, gate_stops, scored_here
 from tests.test_attn_score import LAYOUTS, VOCAB, make_batch
 
 UNTESTED = "seed_oss"  # a LLaMA-like family that is not in TESTED_FAMILIES
@@ -51,17 +52,48 @@ def sft_trainer(tokenizer, model, config: SSTokenConfig, targets: list[str], **a
     )
 
 
+class HandAttention(nn.Module):
+    """Causal softmax attention computed inside the layer: its forward makes no call into the attention registry."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, nn.Linear(config.hidden_size, config.hidden_size, bias=False))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        logits = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        return self.o_proj((weights @ v).transpose(1, 2).reshape(b, t, -1)), weights
+
+
+def hand_attention_model(vocab_size: int) -> torch.nn.Module:
+    """A tiny LLaMA whose layer 1 computes its attention by hand."""
+    model = tiny_model("llama", vocab_size)
+    layer = model.model.layers[1]
+    layer.self_attn = HandAttention(model.config)
+    return model
+
+
 def test_untested_family_is_really_untested():
-    assert UNTESTED not in TESTED_FAMILIES and "falcon" not in TESTED_FAMILIES
+    assert UNTESTED not in TESTED_FAMILIES
 
 
 def test_layer_without_registry_call_stops_at_train_start(tokenizer):
-    model = tiny_model("falcon", len(tokenizer))
+    model = hand_attention_model(len(tokenizer))
     shapes = []
     model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True)
-    trainer = sft_trainer(tokenizer, model, SSTokenConfig(), ["query_key_value"])
+    trainer = sft_trainer(tokenizer, model, SSTokenConfig(), ["q_proj", "v_proj"])
     message = (
-        r"cannot score decoder layer 1 \(FalconAttention, model_type='falcon'\): its forward made no call into "
+        r"cannot score decoder layer 1 \(HandAttention, model_type='llama'\): its forward made no call into "
         r"transformers' attention registry.*Pick another attn_layer.*gamma=1.*selector that uses no attention"
     )
     with pytest.raises(ValueError, match=message):
@@ -76,11 +108,11 @@ def test_layer_without_registry_call_stops_at_train_start(tokenizer):
 def test_selectors_without_attention_train_such_a_model(tokenizer, config):
     callback = SSTokenCallback(config)
     trainer = SFTTrainer(
-        model=tiny_model("falcon", len(tokenizer)),
+        model=hand_attention_model(len(tokenizer)),
         args=SFTConfig(**cpu_sft_args(max_steps=1, learning_rate=1e-3)),
         train_dataset=Dataset.from_list(prompt_completion_rows(8)),
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules=["query_key_value"]),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
         callbacks=[callback],
     )
     result = trainer.train()
@@ -96,13 +128,57 @@ def test_selectors_without_attention_train_such_a_model(tokenizer, config):
 
 def test_without_the_probe_the_first_scored_forward_stops():
     # Under FSDP / ZeRO-3 the train-start probe is skipped; the first scored forward finds the same thing.
-    model = tiny_model("falcon", VOCAB).eval()
-    hook = hook_scoring_layer(model, SSTokenConfig(attn_layer=0), probe=False)
+    model = hand_attention_model(VOCAB).eval()
+    hook = hook_scoring_layer(model, SSTokenConfig(attn_layer=1), probe=False)
     inputs, labels = make_batch("right")
     hook.arm(batch_layout(labels, inputs["attention_mask"]))
-    with pytest.raises(ValueError, match="cannot score decoder layer 0 .*no call into"):
+    with pytest.raises(ValueError, match=r"cannot score decoder layer 1 \(HandAttention.*no call into"):
         with torch.no_grad():
             model(**inputs, use_cache=False)
+    hook.remove()
+
+
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_falcon_multi_query_scores_its_eager_attention_or_is_stopped(layout_name):
+    # Falcon's original form (one KV head, rotary); the grouped form is in the families table.
+    inputs, labels = make_batch(layout_name)
+    if not scored_here("falcon"):
+        with gate_stops():
+            hook_scoring_layer(tiny_model("falcon", VOCAB).eval(), SSTokenConfig())
+        return
+    eager = tiny_model("falcon", VOCAB, "eager").eval()
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True, use_cache=False).attentions
+    layout = batch_layout(labels, inputs.get("attention_mask"), inputs.get("position_ids"))
+    model = tiny_model("falcon", VOCAB).eval()
+    hook = AttnScoreHook(attention_modules(model)[1], "sdpa")
+    hook.arm(layout)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    score = hook.take()
+    hook.remove()
+    expected = (attentions[1] * layout.prompt[:, None, None, :]).sum(-1).mean(1)
+    torch.testing.assert_close(score * layout.real, expected * layout.real, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_alibi_position_bias_is_refused(probe):
+    # Falcon-RW's ALiBi adds a bias to the logits through the mask: a score from q and k would miss it.
+    model = tiny_model("falcon", VOCAB, alibi=True).eval()
+    if not scored_here("falcon"):
+        with gate_stops():
+            hook_scoring_layer(model, SSTokenConfig())
+        return
+    message = r"cannot score decoder layer 1 \(FalconAttention, model_type='falcon'\): the mask .* adds a bias"
+    if probe:
+        with pytest.raises(ValueError, match=message):
+            hook_scoring_layer(model, SSTokenConfig())
+        return
+    hook = hook_scoring_layer(model, SSTokenConfig(), probe=False)
+    inputs, labels = make_batch("right")
+    hook.arm(batch_layout(labels, inputs["attention_mask"]))
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**inputs, use_cache=False)
     hook.remove()
 
 

@@ -36,4 +36,6 @@ TESTED_FAMILIES: dict[str, str] = {
     "gpt_neox": "fused `query_key_value` under `layer.attention`, partial RoPE",
     "phi": "partial RoPE, optional q/k layer norm",
     "gpt2": "learned positions, fused `c_attn` under `layer.attn`",
+    "falcon": "fused `query_key_value` under `layer.self_attention`, multi-query or grouped KV; from transformers "
+    "5.25 (earlier releases compute attention inside the layer: stopped at train start); ALiBi (`alibi=True`) refused",
 }

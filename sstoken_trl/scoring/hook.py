@@ -6,8 +6,10 @@ makes it (passed on unchanged to the model's own attention implementation), or f
 dropout inside the layer is active. It is armed for one forward at a time and disarms itself after firing: the
 gradient-checkpoint recompute of the layer during backward does not score again.
 
-The gate is structural: a layer is scored when its forward makes exactly one registry call. `hook_scoring_layer`
-proves it with one tiny no-grad forward at train start, and every scored forward checks it again. For a family
+The gate is structural: a layer is scored when its forward makes exactly one registry call, with a mask that adds
+no bias to the attention logits (ALiBi adds one there, which a score from q and k alone would miss).
+`hook_scoring_layer` proves it with one tiny no-grad forward at train start, and every scored forward checks the
+call count again (the mask: on the hook's first call). For a family
 outside `TESTED_FAMILIES`, the first scored micro-batch is also checked against the layer's own eager attention
 (`scoring.check`).
 """
@@ -45,6 +47,7 @@ class AttnScoreHook:
         self.check_pending = False  # check the next score against the layer's own eager attention (once)
         self.check_result: CheckResult | None = None
         self._calls: int | None = None  # registry calls seen during the armed forward (None: not firing)
+        self._mask_checked = False  # the first scored call's mask was checked for a logit bias
         self._undo: Callable[[], None] | None = None
         self._handles = [
             attn_module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
@@ -80,6 +83,10 @@ class AttnScoreHook:
             self._calls += 1
             if self._calls > 1:
                 return  # refused after the forward: a layer with several registry calls is not scored
+            if not self._mask_checked:
+                self._mask_checked = True
+                if has_logit_bias(call.attention_mask):
+                    raise ValueError(biased(module, self.layer))
             with torch.no_grad(), torch.autocast(call.query.device.type, enabled=False):
                 self._score = self.score_fn(call, layout)
             if self.check_pending:  # the eager replay runs as the forward does, autocast included
@@ -113,6 +120,23 @@ class AttnScoreHook:
 def has_active_dropout(module: nn.Module) -> bool:
     """Whether a dropout layer inside `module` (LoRA dropout included) would change its q or k now."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
+
+
+def has_logit_bias(mask: Any) -> bool:
+    """Whether an additive float mask holds anything but 0 (attend) and the dtype's minimum (masked): a bias."""
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        return False
+    return bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min)).any())
+
+
+def biased(module: nn.Module, layer: int) -> str:
+    return (
+        f"ssToken cannot score decoder layer {layer} ({type(module).__name__}, model_type="
+        f"{getattr(module.config, 'model_type', '?')!r}): the mask it hands to its attention function adds a bias "
+        "to the attention logits (an ALiBi position bias, e.g. Falcon with alibi=True), which AttnScore, computed "
+        "from the layer's q and k, does not include. Train with gamma=1 (rel_warmup 0) or a selector that uses no "
+        "attention (full, random, rho1, loss_truncation)."
+    )
 
 
 def unscorable(module: nn.Module, layer: int, calls: int) -> str:

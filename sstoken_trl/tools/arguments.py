@@ -287,17 +287,15 @@ def _config_path(argv: list[str]) -> str | None:
     return argv[index + 1]
 
 
-def parse_recipe(argv: list[str] | None = None) -> Recipe:
-    """Parse `--config FILE` and flags into a `Recipe`; a malformed recipe, an unknown key and a bad value (in the
-    recipe or a flag) raise a ValueError naming it and what to do."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _print_help(argv)
+def parse_checked(parser: TrlParser, argv: list[str]) -> list[Any]:
+    """The parser's dataclasses from `--config FILE` and flags, every recipe check of `sstoken-train` applied: a
+    missing or malformed recipe, a key given twice, an unknown key or flag and a bad value (in the recipe or a flag)
+    raise a ValueError naming it and what to do."""
     path = _config_path(argv)
     if path is not None and not Path(path).is_file():
         raise FileNotFoundError(
             f"Recipe {path!r} not found; the shipped recipes live in the project's recipes/ folder."
         )
-    parser = make_parser()
     if path is not None:
         check_values(read_recipe(path), parser, path)
     try:
@@ -308,20 +306,51 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     if from_config:
         keys = ", ".join(repr(k[2:]) for k in from_config[::2])
         raise ValueError(
-            f"{path}: unknown key(s) {keys}: not a field of TRL's ScriptArguments, SFTConfig, ModelConfig or "
-            f"DatasetMixtureConfig, nor an {PREFIX} setting. Check the spelling; `sstoken-train --help` lists them."
+            f"{path}: unknown key(s) {keys}: not a field of {_field_owners(parser)}. Check the spelling; "
+            f"`{parser.prog} --help` lists them."
         )
     if from_flags:
         raise ValueError(
             f"Unknown command-line argument(s) {from_flags}. Flags are recipe keys with two dashes "
-            "(--learning_rate 1e-4, --sstoken_select_ratio 0.6); `sstoken-train --help` lists them."
+            f"(--learning_rate 1e-4, --sstoken_select_ratio 0.6); `{parser.prog} --help` lists them."
         )
-    script, training, model, data, sstoken_args, run = values
+    return values
+
+
+def _field_owners(parser: TrlParser) -> str:
+    """`TRL's ScriptArguments, SFTConfig, ...` for the error on an unknown key: whose fields a recipe may set."""
+    names = [cls.__name__ for cls in parser.dataclass_types if not cls.__module__.startswith("sstoken_trl")]
+    ours = f"nor an {PREFIX} setting"
+    return f"TRL's {', '.join(names[:-1])} or {names[-1]}, {ours}" if names else f"{parser.prog}'s arguments, {ours}"
+
+
+def parse_recipe(argv: list[str] | None = None) -> Recipe:
+    """Parse `--config FILE` and flags into a `Recipe` (`parse_checked`), and check that it can train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _print_help(argv)
+    script, training, model, data, sstoken_args, run = parse_checked(make_parser(), argv)
+    check_trainable(training, _config_path(argv), argv)
     try:
         sstoken = sstoken_args.to_config(recommended=run.sstoken_recommended, given=given_keys(argv))
     except ValueError as err:
         raise SSTokenSettingError(str(err)).as_written(argv) from err
     return Recipe(script, training, model, data, sstoken, run)
+
+
+def check_trainable(training: SFTConfig, path: str | None, argv: list[str]) -> None:
+    """A learning rate, step count or epoch count that cannot train stops here, before anything is loaded."""
+    bad = []
+    if not training.learning_rate > 0:
+        bad.append(("learning_rate", training.learning_rate, "a positive number (the recipes use 1e-4 to 2e-4)"))
+    if training.max_steps == 0 or training.max_steps < -1:
+        bad.append(("max_steps", training.max_steps, "a positive whole number, or -1 to train num_train_epochs"))
+    if training.max_steps == -1 and not training.num_train_epochs > 0:
+        bad.append(("num_train_epochs", training.num_train_epochs, "a positive number (or set max_steps)"))
+    if bad:
+        key, value, takes = bad[0]
+        flag = any(arg.split("=", 1)[0] == f"--{key}" for arg in argv)
+        where = f"--{key} {value}" if flag or path is None else f"{path}: {key}: {value}"
+        raise ValueError(f"{where} cannot train: {key} takes {takes}.")
 
 
 def _cell(text: str) -> str:

