@@ -5,8 +5,8 @@
   that fails: `kernels` missing, a publisher that cannot be verified, the Hub offline, or whatever a later release
   says. That kernel concerns 4-bit weights on the CPU only. So bitsandbytes is imported here, before PEFT, and
   everything the `bitsandbytes` and `kernels` loggers say (and any warning their files raise) during that import is
-  held back, whatever the wording; `four_bit_on_cpu` says it once, in this package's words, when a 4-bit model does
-  run on the CPU. Anything they say after the import, in a run, shows as usual.
+  held back, whatever the wording; `four_bit_notice` says it once when a 4-bit model runs: on the CPU in this
+  package's words. Anything they say after the import, in a run, shows as usual.
 - transformers' FutureWarning on `is_gradient_checkpointing`, which PEFT reads when it wraps a model (this
   package reads `is_activation_checkpointing`). Filtered by its message and module, so other warnings still show.
 """
@@ -78,21 +78,25 @@ def import_quietly(module: str, loggers: Sequence[str]) -> list[str]:
     return lines
 
 
-def four_bit_on_cpu(model: nn.Module) -> bool:
-    """Say once, when 4-bit weights sit on the CPU and bitsandbytes' import reported trouble, what it costs."""
+def four_bit_notice(model: nn.Module) -> bool:
+    """Say once, when the model has 4-bit weights and bitsandbytes' import said something, what it said now matters:
+    on the CPU in this package's words (what is slower, how to fix it), elsewhere as bitsandbytes said it."""
     global _told
-    on_cpu = any(type(p).__name__ == "Params4bit" and p.device.type == "cpu" for p in model.parameters())
-    if not on_cpu or not held or _told:
+    devices = {p.device.type for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    if not devices or not held or _told:
         return False
     _told = True
-    logger.warning(
-        "ssToken: this model's 4-bit weights are on the CPU, and bitsandbytes could not set up its fast CPU 4-bit "
-        "kernel when it was imported (it fetches one from the Hugging Face Hub through the `kernels` package), so "
-        "4-bit layers run its slower built-in CPU code: training works, more slowly. To use the kernel, "
-        "`pip install 'kernels>=0.11.1'` and import bitsandbytes once with access to the Hub (it is then cached for "
-        "offline runs); or train on a GPU. bitsandbytes said: %s",
-        held[0].splitlines()[0],
-    )
+    if "cpu" in devices:
+        logger.warning(
+            "ssToken: this model's 4-bit weights are on the CPU, and bitsandbytes could not set up its fast CPU 4-bit "
+            "kernel when it was imported (it fetches one from the Hugging Face Hub through the `kernels` package), "
+            "so 4-bit layers run its slower built-in CPU code: training works, more slowly. To use the kernel, "
+            "`pip install 'kernels>=0.11.1'` and import bitsandbytes once with access to the Hub (it is then cached "
+            "for offline runs); or train on a GPU. bitsandbytes said: %s",
+            held[0].splitlines()[0],
+        )
+    else:
+        logger.warning("ssToken: bitsandbytes said this when it was imported: %s", " | ".join(held))
     return True
 
 

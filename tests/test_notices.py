@@ -108,15 +108,29 @@ def test_four_bit_weights_on_the_cpu_are_told_once_in_our_words(monkeypatch, cap
     monkeypatch.setattr(notices, "_told", False)
     four_bit = nn.Sequential(bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32))
     with caplog.at_level(logging.WARNING, logger="sstoken_trl.notices"):
-        assert not notices.four_bit_on_cpu(nn.Linear(16, 16))  # no 4-bit weights: nothing to say
-        assert notices.four_bit_on_cpu(four_bit)
-        assert not notices.four_bit_on_cpu(four_bit)  # once
+        assert not notices.four_bit_notice(nn.Linear(16, 16))  # no 4-bit weights: nothing to say
+        assert notices.four_bit_notice(four_bit)
+        assert not notices.four_bit_notice(four_bit)  # once
     [message] = [r.getMessage() for r in caplog.records]
     assert "4-bit weights are on the CPU" in message and "slower" in message and "pip install" in message
     assert message.endswith("bitsandbytes said: bitsandbytes.backends.cpu.ops: Failed to load a kernel: no network")
     monkeypatch.setattr(notices, "_told", False)
     monkeypatch.setattr(notices, "held", [])
-    assert not notices.four_bit_on_cpu(four_bit)  # the import said nothing: nothing to tell
+    assert not notices.four_bit_notice(four_bit)  # the import said nothing: nothing to tell
+
+
+def test_four_bit_weights_elsewhere_hear_what_the_import_said(monkeypatch, caplog):
+    class Params4bit(nn.Parameter):  # bitsandbytes' 4-bit parameter, as the notice recognises it, on another device
+        pass
+
+    model = nn.Module()
+    model.weight = Params4bit(torch.empty(4, device="meta"))
+    monkeypatch.setattr(notices, "held", ["bitsandbytes.cextension: a CUDA setup note", "kernels: another"])
+    monkeypatch.setattr(notices, "_told", False)
+    with caplog.at_level(logging.WARNING, logger="sstoken_trl.notices"):
+        assert notices.four_bit_notice(model)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.endswith("imported: bitsandbytes.cextension: a CUDA setup note | kernels: another")
 
 
 def test_only_the_is_gradient_checkpointing_warning_is_ignored():

@@ -22,7 +22,7 @@ from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.guards import check_runtime, shards_parameters
 from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward, uses_attention
 from sstoken_trl.integration.warmup import save_warmup_base, uses_base, warmup_base
-from sstoken_trl.notices import four_bit_on_cpu
+from sstoken_trl.notices import four_bit_notice
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import SelectionBudget
 from sstoken_trl.selection.selectors import OFFLINE_SELECTORS, budget_ratio, uses_history
@@ -101,7 +101,7 @@ class SSTokenCallback(TrainerCallback):
         trainer = self.trainer
         check_fused_head(trainer)
         inner = fused_model(trainer.model)
-        four_bit_on_cpu(inner)  # bitsandbytes' CPU 4-bit kernel now concerns this run: said once
+        four_bit_notice(inner)  # what bitsandbytes' import said now concerns this run: said once
         base = self._warmup_base = warmup_base(self.config, state.max_steps, state.global_step)
         owner = collate_owner(kwargs["train_dataloader"])
         collate_fn = self._collate_fn = owner.collate_fn
