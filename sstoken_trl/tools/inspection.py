@@ -58,13 +58,16 @@ class InspectArguments:
     )
 
 
-def load_for_inspection(args: InspectArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model (+ adapter) in eval mode with TRL's fused LM head, and its tokenizer (the adapter's, if saved)."""
+def load_for_inspection(
+    args: InspectArguments, head_outputs: tuple[str, ...] = ("log_probs",)
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (+ adapter) in eval mode with TRL's fused LM head (computing `head_outputs`), and its tokenizer (the
+    adapter's, if saved)."""
     model_args = ModelConfig(
         model_name_or_path=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation
     )
     model = load_model(model_args, args.trust_remote_code).to(PartialState().device)
-    add_fused_lm_head(model)
+    add_fused_lm_head(model, outputs=head_outputs)
     if args.adapter is not None:
         model = PeftModel.from_pretrained(model, args.adapter)
     has_tokenizer = args.adapter is not None and (Path(args.adapter) / "tokenizer_config.json").is_file()
