@@ -6,8 +6,10 @@ from __future__ import annotations
 import html.parser
 import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +272,26 @@ def test_audit_quality_benchmark_writes_every_signal(tmp_path):
         assert len(figures["top"]) == 5
     assert clean["corrupted_samples"] == 0 and clean["signals"]["surprise"]["precision_at_k"] is None
     assert "| surprise |" in audit_quality.tables(report)
+
+
+def test_audit_under_two_processes_equals_one(tmp_path, tokenizer):
+    """`accelerate launch` with two processes (gloo, CPU): each audits its share, the main one merges them."""
+    tokenizer.save_pretrained(tmp_path / "model")
+    build_model("llama", len(tokenizer), seed=0).save_pretrained(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in prompt_completion_rows(10, seed=2)))
+    argv = ["--model", str(tmp_path / "model"), "--data", str(data), "--batch_size", "3"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [*launch, "-m", "sstoken_trl.audit.cli", *argv, "--out_dir", str(tmp_path / "two")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_audit([*argv, "--out_dir", str(tmp_path / "one")])
+    one, two = ((tmp_path / d / "audit.jsonl").read_text().splitlines() for d in ("one", "two"))
+    assert len(one) == 10
+    for a, b in zip(one, two, strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert a["index"] == b["index"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
+    assert "(2 processes)" in (tmp_path / "two" / "audit.html").read_text()
+    assert not (tmp_path / "two" / "parts").exists()

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from trl import TrlParser
 
@@ -62,7 +63,7 @@ class AuditArguments:
 
 def audit_data(args: AuditArguments) -> tuple[Path, Path]:
     """One pass over the data set, this process's share of it; the main process merges the shares."""
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without an accelerator, processes meet over gloo
     if args.data is None:
         raise ValueError("Name the samples to audit: --data FILE (or --record DIR for a run's record).")
     args.signal = args.signal or ("surprise" if args.adapter else "surprise_base")
@@ -92,8 +93,9 @@ def audit_data(args: AuditArguments) -> tuple[Path, Path]:
     top = sorted(top, key=lambda s: (-s.score(), s.index))[: args.top]
     source = args.model + (f" + {args.adapter}" if args.adapter else "")
     about = (
-        f"{len(lines)} samples of {args.data} under {source}, ranked by {args.signal} ({SIGNALS[args.signal]}): a "
-        f"sample's score is its most suspect token's, in nats; tokens above {args.threshold:g} nats are highlighted. "
+        f"{len(lines)} samples of {args.data} under {source} ({state.num_processes} processes), ranked by "
+        f"{args.signal} ({SIGNALS[args.signal]}): a sample's score is its most suspect token's, in nats; tokens "
+        f"above {args.threshold:g} nats are highlighted. "
         f"The top {len(top)} are shown, every sample is in audit.jsonl. Hover a token for every signal's figure."
     )
     return write_outputs(rank_lines(lines), top, Path(args.out_dir), tokenizer, "Audit of the data set", about)
