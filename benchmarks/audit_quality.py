@@ -116,14 +116,15 @@ def audit_training_set(model: torch.nn.Module, samples: list[ChatSample], pad_id
     return out
 
 
-def run_figures(record_dir: Path, samples: list[ChatSample]) -> list[list[float]]:
-    """Per sample, each token's figure in the run's record (0 where never left out or never judged)."""
+def run_figures(record_dir: Path, samples: list[ChatSample]) -> tuple[list[list[float]], list[int]]:
+    """(per sample, each token's figure in the run's record (0 where never left out or never judged); the indices
+    of the samples the selection judged)."""
     values = token_values(record_dir)
     out = []
     for i, s in enumerate(samples):
         judged, sums = values.get(i, (0, {}))
         out.append([sums.get(j, 0.0) / judged if judged else 0.0 for j in range(len(s.input_ids))])
-    return out
+    return out, sorted(values)
 
 
 def measure(
@@ -149,8 +150,7 @@ def measure(
             "false_alarm_share": sum(v > THRESHOLD for v in clean_scores) / max(len(clean_scores), 1),
             "top": [top_entry(i, sample_scores[i], samples[i], audits[i], name, run[i], tokenizer) for i in top],
         }
-    judged = [i for i, figures in enumerate(run) if any(figures)]
-    result["run_samples_with_left_out_tokens"] = len(judged)
+    result["run_samples_with_left_out_tokens"] = sum(any(figures) for figures in run)
     result["random_precision_at_k"] = sum(bad_sample) / len(samples)
     return result
 
@@ -185,10 +185,15 @@ def audit_regime(regime: str, seed: int, args: argparse.Namespace) -> dict[str, 
         rows = [s.row() for s in samples]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=[callback])
         train_seconds = time.perf_counter() - t0
-        run = run_figures(Path(tmp) / "record", samples)
+        run, judged = run_figures(Path(tmp) / "record", samples)
     t1 = time.perf_counter()
     audits = audit_training_set(trainer.model.eval(), samples, tokenizer.pad_token_id)
     result = measure(audits, run, samples, tokenizer)
+    result["run_judged"] = judged
+    subset = [audits[i] for i in judged], [run[i] for i in judged], [samples[i] for i in judged]
+    result["run_judged_figures"] = measure(*subset, tokenizer)["signals"]["run"]
+    result["run_judged_figures"].pop("top")  # its indices count within the judged samples
+    result["run_judged_random_precision_at_k"] = sum(any(samples[i].corrupted) for i in judged) / max(len(judged), 1)
     result.update(train_seconds=train_seconds, audit_seconds=time.perf_counter() - t1)
     return result
 
@@ -204,8 +209,17 @@ def mean_std(values: list[float]) -> str:
 
 
 def figures(report: dict[str, Any], regime: str, name: str, key: str) -> list[float]:
-    seeds = report["regimes"].get(regime, {})
-    return [r["signals"][name][key] for r in seeds.values() if r["signals"][name][key] is not None]
+    """A figure of one signal over the seeds of a regime ("run_judged": the run's record over the samples it judged,
+    "random_judged": a random ranking of those)."""
+    seeds = report["regimes"].get(regime, {}).values()
+    if name == "random_judged":
+        return [r["run_judged_random_precision_at_k"] for r in seeds if "run_judged_figures" in r]
+    found = [
+        r["run_judged_figures"] if name == "run_judged" else r["signals"][name]
+        for r in seeds
+        if name != "run_judged" or "run_judged_figures" in r
+    ]
+    return [f[key] for f in found if f.get(key) is not None]
 
 
 def tables(report: dict[str, Any]) -> str:
@@ -221,8 +235,15 @@ def tables(report: dict[str, Any]) -> str:
             for r in noisy
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    judged = [
+        " / ".join(mean_std(figures(report, r, "run_judged", k)) for k in ("precision_at_k", "token_auroc"))
+        for r in noisy
+    ]
+    lines.append("| run, over the samples it judged | " + " | ".join(judged) + " |")
     randoms = [mean_std([s["random_precision_at_k"] for s in report["regimes"][r].values()]) + " / 0.50" for r in noisy]
     lines.append("| random ranking | " + " | ".join(randoms) + " |")
+    randoms = [mean_std(figures(report, r, "random_judged", "")) + " / 0.50" for r in noisy]
+    lines.append("| random ranking of the judged samples | " + " | ".join(randoms) + " |")
     lines.append("| oracle | " + " | ".join("1.00 / 1.00" for _ in noisy) + " |")
     if clean:
         lines += ["", "| signal | " + " | ".join(f"{r}: share of samples above 3 nats" for r in clean) + " |"]
