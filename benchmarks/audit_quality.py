@@ -1,7 +1,7 @@
 """How well the audit finds known noise: the real-model benchmark's regimes, where each corrupted token is known.
 
     python -m benchmarks.audit_quality --seeds 0 1                       # 4 noisy + 3 clean regimes, ~5 min each
-    python -m benchmarks.audit_quality --regimes corrupted,wrong --seeds 0 --tiny --steps 2 --train 16   # smoke
+    python -m benchmarks.audit_quality --report --write-docs             # the tables, into README and docs/audit.md
 
 Per regime and seed (benchmarks/real_sft.py's data, model and training settings): SmolLM2-135M-Instruct is
 fine-tuned with the recommended selection (LoRA, 40 steps x 8, one epoch) and its run record on (audit_dir); then
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default=str(real_sft.ROOT / ".bases" / "real_sft_runs"))
     p.add_argument("--out", default="benchmarks/results/audit_quality.json")
     p.add_argument("--report", action="store_true", help="print the tables of --out and stop")
+    p.add_argument("--write-docs", action="store_true", help="with --report: rewrite the tables of README, docs")
     args = p.parse_args(argv)
     unknown = set(args.regimes.split(",")) - set(NOISY + CLEAN)
     if unknown:
@@ -257,12 +258,52 @@ def tables(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_SIGNALS = {"surprise": "surprise (adapter)", "surprise_base": "surprise (base)", "run": "run's record"}
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The README's table: per noisy regime, P@k / token AUROC of the main signals beside a random ranking's."""
+    noisy = [r for r in NOISY if r in report["regimes"]]
+    lines = ["| regime | " + " | ".join(SUMMARY_SIGNALS.values()) + " | random ranking |", "|---|---|---|---|---|"]
+    for r in noisy:
+        cells = [
+            " / ".join(f"{statistics.fmean(v):.2f}" if (v := figures(report, r, name, key)) else "-" for key in KEYS)
+            for name in SUMMARY_SIGNALS
+        ]
+        random_k = statistics.fmean(s["random_precision_at_k"] for s in report["regimes"][r].values())
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {random_k:.2f} / 0.50 |")
+    return "\n".join(lines)
+
+
+KEYS = ("precision_at_k", "token_auroc")
+BLOCKS = {"README.md": ("audit-summary", summary_table), "docs/audit.md": ("audit-table", tables)}
+
+
+def write_blocks(report: dict[str, Any], root: Path = real_sft.ROOT) -> None:
+    """Rewrite the generated tables of the README and of docs/audit.md from `report`."""
+    for name, (marker, render) in BLOCKS.items():
+        path = root / name
+        text = path.read_text(encoding="utf-8")
+        start, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
+        head, rest = text.split(start, 1)
+        path.write_text(head + start + render(report) + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
+
+
+def block(name: str) -> str:
+    """The generated table as it stands in README.md or docs/audit.md."""
+    marker = BLOCKS[name][0]
+    text = (real_sft.ROOT / name).read_text(encoding="utf-8")
+    return text.split(f"<!-- {marker}:start -->\n", 1)[1].split(f"\n<!-- {marker}:end -->", 1)[0]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "audit_quality", "regimes": {}}
     if args.report:
         print(tables(report))
+        if args.write_docs:
+            write_blocks(report)
         return report
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

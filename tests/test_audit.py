@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer, TrlParser
 
 from benchmarks.audit_quality import auroc, precision_at_k
 from sstoken_trl import SSTokenCallback, SSTokenConfig
@@ -295,3 +295,18 @@ def test_audit_under_two_processes_equals_one(tmp_path, tokenizer):
         assert a["index"] == b["index"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
     assert "(2 processes)" in (tmp_path / "two" / "audit.html").read_text()
     assert not (tmp_path / "two" / "parts").exists()
+
+
+def test_readme_audit_command_parses_and_tables_are_the_results():
+    from benchmarks import audit_quality
+    from sstoken_trl.audit.cli import AuditArguments
+    from tests.test_readme import commands
+
+    (argv,) = commands("sstoken-audit")
+    (args,) = TrlParser((AuditArguments,)).parse_args_into_dataclasses(argv)
+    recipe = (ROOT / "recipes" / "smollm2-135m-cpu.yaml").read_text()
+    assert f"dataset_name: {args.data}" in recipe and args.model in recipe and args.adapter is None
+    report = json.loads((ROOT / "benchmarks" / "results" / "audit_quality.json").read_text())
+    assert audit_quality.block("README.md") == audit_quality.summary_table(report)
+    assert audit_quality.block("docs/audit.md") == audit_quality.tables(report)
+    assert (ROOT / "docs" / "audit-chitchat.png").is_file()

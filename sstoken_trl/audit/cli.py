@@ -17,7 +17,7 @@ import torch
 from accelerate import PartialState
 from trl import TrlParser
 
-from sstoken_trl.audit.page import write_outputs
+from sstoken_trl.audit.page import strongest, write_outputs
 from sstoken_trl.audit.ranking import THRESHOLD, SampleAudit, rank_lines
 from sstoken_trl.audit.run_record import rank_record
 from sstoken_trl.audit.scan import audit_samples, write_part
@@ -124,7 +124,7 @@ def print_top(jsonl: Path, count: int = 5) -> None:
     with jsonl.open(encoding="utf-8") as f:
         for rank, line in zip(range(1, count + 1), f, strict=False):
             record = json.loads(line)
-            spans = ", ".join(f"{s['text']!r} ({s['value']:.1f})" for s in record["spans"][:4]) or "none"
+            spans = ", ".join(f"{s['text']!r} ({s['value']:.1f})" for s in strongest(record["spans"])) or "none"
             score = "none" if record["score"] is None else f"{record['score']:.2f}"
             print(f"#{rank} sample {record['index']}: score {score}, suspect spans {spans}")
 

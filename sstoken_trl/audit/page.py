@@ -46,6 +46,11 @@ def _token(sample: SampleAudit, j: int, text: str, threshold: float) -> str:
     return f'<span class="{css}" style="{style}" title="{html.escape(figures)}">{html.escape(text)}</span>'
 
 
+def strongest(spans: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
+    """The `count` most suspect spans, most suspect first."""
+    return sorted(spans, key=lambda span: -span["value"])[:count]
+
+
 def render_page(
     samples: list[SampleAudit],
     lines: dict[int, dict[str, Any]],
@@ -61,16 +66,17 @@ def render_page(
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="summary">{html.escape(about)}</p>',
+        f"<details><summary>The ranking: the {len(samples)} samples below, with their most suspect spans</summary>",
         '<table class="ranking"><tr><th>rank</th><th>sample</th><th>score</th><th>suspect spans</th></tr>',
     ]
     for rank, sample in enumerate(samples, 1):
         line = lines[sample.index]
-        spans = ", ".join(f"{s['text']!r} {s['value']:.1f}" for s in line["spans"][:4])
+        spans = ", ".join(f"{s['text']!r} {s['value']:.1f}" for s in strongest(line["spans"]))
         parts.append(
             f'<tr><td>{rank}</td><td><a href="#sample-{sample.index}">{sample.index}</a></td>'
             f"<td>{line['score']:.2f}</td><td>{html.escape(spans)}</td></tr>"
         )
-    parts.append("</table>")
+    parts.append("</table></details>")
     for rank, sample in enumerate(samples, 1):
         line = lines[sample.index]
         figures = ", ".join(f"{name} {value:.2f}" for name, value in line["scores"].items())
