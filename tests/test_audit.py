@@ -310,3 +310,19 @@ def test_readme_audit_command_parses_and_tables_are_the_results():
     assert audit_quality.block("README.md") == audit_quality.summary_table(report)
     assert audit_quality.block("docs/audit.md") == audit_quality.tables(report)
     assert (ROOT / "docs" / "audit-chitchat.png").is_file()
+
+
+def test_bad_input_is_refused_with_what_to_do(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "model")
+    build_model("llama", len(tokenizer), seed=0).save_pretrained(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in prompt_completion_rows(2)))
+    base = ["--model", str(tmp_path / "model"), "--out_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="pass --adapter DIR, or --signal surprise_base"):
+        run_audit([*base, "--data", str(data), "--signal", "surprise"])
+    with pytest.raises(ValueError, match="no split 'test'"):
+        run_audit([*base, "--data", str(data), "--split", "test"])
+    with pytest.raises(ValueError, match="must be at least 1"):
+        run_audit([*base, "--data", str(data), "--top", "0"])
+    with pytest.raises(FileNotFoundError, match="audit_dir"):
+        run_audit([*base, "--record", str(tmp_path)])

@@ -71,7 +71,10 @@ def audit_data(args: AuditArguments) -> tuple[Path, Path]:
         raise ValueError(
             f"--signal {args.signal} reads the adapted model: pass --adapter DIR, or --signal surprise_base."
         )
-    rows = load_data(args.data)[args.split]
+    data = load_data(args.data)
+    if args.split not in data:
+        raise ValueError(f"{args.data} has no split {args.split!r}; it has {sorted(data)}: pass --split.")
+    rows = data[args.split]
     model, tokenizer = load_for_inspection(args, head_outputs=HEAD_OUTPUTS)
     collator = SSTokenCollator(tokenizer, args.user_tag, args.assistant_tag, args.max_length, args.on_bad_sample)
     parts = Path(args.out_dir) / "parts"
@@ -112,6 +115,8 @@ def run_audit(argv: list[str] | None = None) -> tuple[Path, Path]:
     """The `sstoken-audit` command; returns the paths of the JSONL and the page."""
     argv = list(sys.argv[1:] if argv is None else argv)
     (args,) = TrlParser((AuditArguments,), prog="sstoken-audit", allow_abbrev=False).parse_args_and_config(argv)
+    if args.top < 1 or args.batch_size < 1:
+        raise ValueError(f"--top ({args.top}) and --batch_size ({args.batch_size}) must be at least 1.")
     jsonl, page = audit_run(args) if args.record else audit_data(args)
     if PartialState().is_main_process:
         print_top(jsonl)

@@ -89,15 +89,16 @@ class AuditRecorder:
             raise ValueError(
                 "The run's record needs each sample as a row of the train data set: train without packing."
             )
-        self.index = {}
+        self.index, rows = {}, 0
         for i, ids in enumerate(dataset_ids(trainer.train_dataset, self.sstoken._collate_fn)):
             self.index.setdefault(digest(list(ids)), i)
+            rows += 1
         self.audit_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.audit_dir / f"record-{trainer.accelerator.process_index}.jsonl"
         self._resume(global_step)
         if trainer.accelerator.is_main_process:
             config = self.sstoken.config
-            meta = {"selector": config.selector, "drop_weight": config.drop_weight, "samples": len(self.index)}
+            meta = {"selector": config.selector, "drop_weight": config.drop_weight, "samples": rows}
             (self.audit_dir / META).write_text(json.dumps(meta, indent=2))
 
     def _resume(self, step: int) -> None:
@@ -170,6 +171,8 @@ def rank_record(
     """(every judged sample's JSONL record, best first; the top `top` samples whole; what the page says about them).
 
     Spans are the tokens ever left out (`threshold` 0 on a token's mean value)."""
+    if not (record_dir / META).is_file():
+        raise FileNotFoundError(f"No run record in {record_dir}: train with SSTokenConfig(audit_dir=...) first.")
     meta = json.loads((record_dir / META).read_text())
     values = token_values(record_dir)
     scores = {i: max((s / judged for s in sums.values()), default=0.0) for i, (judged, sums) in values.items()}
