@@ -326,3 +326,24 @@ def test_bad_input_is_refused_with_what_to_do(tmp_path, tokenizer):
         run_audit([*base, "--data", str(data), "--top", "0"])
     with pytest.raises(FileNotFoundError, match="audit_dir"):
         run_audit([*base, "--record", str(tmp_path)])
+
+
+def test_run_record_under_two_processes_equals_one(tmp_path):
+    """Each process records its own micro-batches in its own file; together they hold what one process records."""
+    script = str(ROOT / "tests" / "scripts" / "record_ranks.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for command in (
+        [sys.executable, script, str(tmp_path / "one"), str(tmp_path / "out1"), "4"],
+        [*launch, script, str(tmp_path / "two"), str(tmp_path / "out2"), "2"],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").glob("record-*.jsonl")) == ["record-0.jsonl", "record-1.jsonl"]
+
+    def judged(record):
+        return sorted((line["step"], line["index"], json.dumps(line["left_out"])) for line in record_lines(record))
+
+    one, two = judged(tmp_path / "one"), judged(tmp_path / "two")
+    assert one == two and len(one) == 2 * 2 * 4  # 2 steps x 2 micro-batches x 4 samples, each once
