@@ -95,8 +95,9 @@ def audit_data(args: AuditArguments) -> tuple[Path, Path]:
     parts.rmdir()
     top = sorted(top, key=lambda s: (-s.score(), s.index))[: args.top]
     source = args.model + (f" + {args.adapter}" if args.adapter else "")
+    processes = "1 process" if state.num_processes == 1 else f"{state.num_processes} processes"
     about = (
-        f"{len(lines)} samples of {args.data} under {source} ({state.num_processes} processes), ranked by "
+        f"{len(lines)} samples of {args.data} under {source} ({processes}), ranked by "
         f"{args.signal} ({SIGNALS[args.signal]}): a sample's score is its most suspect token's, in nats; tokens "
         f"above {args.threshold:g} nats are highlighted. "
         f"The top {len(top)} are shown, every sample is in audit.jsonl. Hover a token for every signal's figure."
