@@ -1,6 +1,6 @@
 """How well the audit finds known noise: the real-model benchmark's regimes, where each corrupted token is known.
 
-    python -m benchmarks.audit_quality --seeds 0 1                       # 4 noisy + 3 clean regimes, ~5 min each
+    python -m benchmarks.audit_quality --seeds 0 1                       # every regime, ~10 min each on 2 cores
     python -m benchmarks.audit_quality --report --write-docs             # the tables, into README and docs/audit.md
 
 Per regime and seed (benchmarks/real_sft.py's data, model and training settings): SmolLM2-135M-Instruct is
@@ -16,6 +16,8 @@ Figures: precision at k of the sample ranking, k = the number of corrupted sampl
 number), beside a random ranking's (k / n, the share of corrupted samples); the token AUROC over response tokens
 (corrupted vs clean), beside a random one's (0.5); the share of clean samples whose score passes 3 nats (false alarms).
 On clean regimes (nothing corrupted) it reports how many samples pass 3 nats, and the top samples with their spans.
+The toy regimes (toy_overconfident, toy_calibrated: benchmarks/noisy_sft.py at its default sizes, 2000 samples of
+letters, 30% of answer letters substituted or inserted) run the same recorded training and audit on its small model.
 Results merge into --out per (regime, seed); `python -m benchmarks.audit_quality --report` prints the tables.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from benchmarks import noisy_sft, real_sft
+from benchmarks.noisy_task import Sample, build_tokenizer
 from benchmarks.real_task import ChatSample
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.audit.ranking import SampleAudit
@@ -42,7 +45,9 @@ from sstoken_trl.audit.scan import audit_batch
 from sstoken_trl.config import RECOMMENDED
 from sstoken_trl.trl_internals import DataCollatorForLanguageModeling
 
-NOISY = ("corrupted", "wrong", "new_facts_noisy", "sums_noisy")
+NOISY = ("corrupted", "wrong", "new_facts_noisy", "sums_noisy", "toy_overconfident", "toy_calibrated")
+TOY = {"toy_overconfident": "overconfident", "toy_calibrated": "calibrated"}  # regimes of benchmarks/noisy_sft
+TINY_TOY = ["--train", "48", "--steps", "4", "--base-steps", "4", "--eval", "8", "--batch", "8"]
 CLEAN = ("clean", "new_facts", "sums")
 SIGNALS = ("surprise", "surprise_base", "loss", "base_loss", "rel", "run")
 THRESHOLD = 3.0
@@ -169,22 +174,45 @@ def top_entry(
         "corrupted": any(sample.corrupted),
         "response": tokenizer.decode(sample.response, skip_special_tokens=True),
         "token": tokenizer.decode([sample.response[worst]]),
-        "content_token": bool(sample.content and sample.content[worst]),
+        "content_token": bool(getattr(sample, "content", None) and sample.content[worst]),
     }
 
 
 def audit_regime(regime: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    folder = real_sft.model_folder(args)
-    model, tokenizer = real_sft.load(folder)
+    """One regime of the real-model benchmark (or of the toy one, TOY) and seed: train with the record, audit."""
+    if regime in TOY:
+        return toy_regime(regime, seed, args)
+    model, tokenizer = real_sft.load(real_sft.model_folder(args))
     task = real_sft.task_for(regime, tokenizer)
     samples = real_sft.training_data(task, regime, args, seed)
+    lr = args.lr * task.LR_SCALE
+    return recorded_audit(model, tokenizer, samples, (args.steps, args.batch, lr, seed), noisy_sft.lora(args))
+
+
+def toy_regime(regime: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The toy benchmark's regime (benchmarks/noisy_sft.py, its default sizes): its base, then the same audit."""
+    toy = noisy_sft.parse_args([*(TINY_TOY if args.tiny else []), "--base-cache", f"{args.runs_dir}/toy_bases"])
+    name = TOY[regime]
+    with tempfile.TemporaryDirectory(prefix="sstoken-audit-toy-") as tmp:
+        noisy_sft.train_base(name, toy, tmp)
+        model = noisy_sft.fresh(torch.load(f"{tmp}/base-{name}.pt"))
+    samples, _ = noisy_sft.fine_tune_data(name, toy, seed)
+    training = (toy.steps, toy.batch, toy.lr, seed)
+    return recorded_audit(model, build_tokenizer(), samples, training, noisy_sft.lora(toy))
+
+
+def recorded_audit(
+    model: torch.nn.Module, tokenizer: Any, samples: list[Sample], training: tuple, lora: Any
+) -> dict[str, Any]:
+    """Train `model` on `samples` with the recommendation and its record on ((steps, batch, lr, seed) of
+    `training`), then audit every training sample with the trained adapter; every signal measured."""
+    steps, batch, lr, seed = training
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sstoken-audit-") as tmp:
         config = SSTokenConfig(**{**RECOMMENDED, "seed": seed, "audit_dir": f"{tmp}/record"})
-        sft = noisy_sft.sft_args(f"{tmp}/out", args.steps, args.batch, args.lr * task.LR_SCALE, seed)
-        callback = SSTokenCallback(config)
+        sft = noisy_sft.sft_args(f"{tmp}/out", steps, batch, lr, seed)
         rows = [s.row() for s in samples]
-        trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=[callback])
+        trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=lora, callbacks=[SSTokenCallback(config)])
         train_seconds = time.perf_counter() - t0
         run, judged = run_figures(Path(tmp) / "record", samples)
     t1 = time.perf_counter()
