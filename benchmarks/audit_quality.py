@@ -303,23 +303,38 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def false_alarm_table(report: dict[str, Any]) -> str:
+    """Per signal and noisy regime: the share of the clean samples whose score passes 3 nats (mean ± std)."""
+    noisy = [r for r in NOISY if r in report["regimes"]]
+    lines = ["| signal | " + " | ".join(noisy) + " |", "|---|" + "---|" * len(noisy)]
+    for name in SIGNALS:
+        lines.append(
+            f"| {name} | " + " | ".join(mean_std(figures(report, r, name, "false_alarm_share")) for r in noisy) + " |"
+        )
+    return "\n".join(lines)
+
+
 KEYS = ("precision_at_k", "token_auroc")
-BLOCKS = {"README.md": ("audit-summary", summary_table), "docs/audit.md": ("audit-table", tables)}
+BLOCKS = {
+    "README.md": [("audit-summary", summary_table)],
+    "docs/audit.md": [("audit-table", tables), ("audit-false-alarms", false_alarm_table)],
+}
 
 
 def write_blocks(report: dict[str, Any], root: Path = real_sft.ROOT) -> None:
     """Rewrite the generated tables of the README and of docs/audit.md from `report`."""
-    for name, (marker, render) in BLOCKS.items():
+    for name, blocks in BLOCKS.items():
         path = root / name
         text = path.read_text(encoding="utf-8")
-        start, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
-        head, rest = text.split(start, 1)
-        path.write_text(head + start + render(report) + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
+        for marker, render in blocks:
+            start, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
+            head, rest = text.split(start, 1)
+            text = head + start + render(report) + "\n" + end + rest.split(end, 1)[1]
+        path.write_text(text, encoding="utf-8")
 
 
-def block(name: str) -> str:
-    """The generated table as it stands in README.md or docs/audit.md."""
-    marker = BLOCKS[name][0]
+def block(name: str, marker: str) -> str:
+    """A generated table as it stands in README.md or docs/audit.md."""
     text = (real_sft.ROOT / name).read_text(encoding="utf-8")
     return text.split(f"<!-- {marker}:start -->\n", 1)[1].split(f"\n<!-- {marker}:end -->", 1)[0]
 
