@@ -24,6 +24,7 @@ from sstoken_trl.audit.scan import audit_samples, write_part
 from sstoken_trl.audit.signals import BASE_SIGNALS, HEAD_OUTPUTS, SIGNALS
 from sstoken_trl.data.collator import POLICIES, SSTokenCollator
 from sstoken_trl.data.spans import ASSISTANT_TAG, USER_TAG
+from sstoken_trl.tools.arguments import exit_on_error
 from sstoken_trl.tools.inspection import load_for_inspection
 from sstoken_trl.tools.loading import load_data, load_tokenizer
 
@@ -137,11 +138,7 @@ def print_top(jsonl: Path, count: int = 5) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """sstoken-audit: the ranked suspects of a data set or a run."""
-    try:
-        run_audit(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sstoken-audit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    exit_on_error("sstoken-audit", run_audit, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.selective_forward import BatchSelection, SelectiveForward
 from sstoken_trl.scoring.hook import hook_scoring_layer
 from sstoken_trl.selection.budget import REAL_LABELS
-from sstoken_trl.tools.arguments import SSTokenArguments, SSTokenSettingError, given_keys, print_help
+from sstoken_trl.tools.arguments import (
+    SSTokenArguments,
+    SSTokenSettingError,
+    exit_on_error,
+    given_keys,
+    print_help,
+)
 from sstoken_trl.tools.help import dataclass_options, render_help
 from sstoken_trl.tools.loading import load_data, load_model, load_tokenizer
 from sstoken_trl.tools.visualize import render_html, summarize
@@ -164,11 +170,7 @@ def run_inspect(argv: list[str] | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """sstoken-inspect: score a few samples with a model (+ adapter) and write the selection as HTML."""
-    try:
-        run_inspect(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sstoken-inspect: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    exit_on_error("sstoken-inspect", run_inspect, argv)
 
 
 if __name__ == "__main__":
