@@ -170,6 +170,14 @@ class SSTokenConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
+    audit_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record, for every micro-batch after the selection warm-up, which tokens of which training "
+            "sample the selection left out, into this folder (one file per process; resumes continue it). "
+            "`sstoken-audit --record DIR` ranks the samples from it (docs/audit.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.select_ratio <= 1.0:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from sstoken_trl.audit.run_record import AuditRecorder
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.history import HistoryContext, HistorySource, build_history
 from sstoken_trl.integration.guards import check_runtime, shards_parameters
@@ -72,6 +73,7 @@ class SSTokenCallback(TrainerCallback):
         self._undo: list[Callable[[], None]] = []
         self._collate_fn = None
         self._warmup_base = 0  # the max_steps warm-up ratios are shares of (kept across resumes)
+        self.recorder = AuditRecorder(self, self.config.audit_dir) if self.config.audit_dir else None
         if trainer is not None:
             self._attach(trainer)
 
@@ -121,6 +123,8 @@ class SSTokenCallback(TrainerCallback):
         self._undo.append(lambda: vars(inner).__setitem__("forward", fused_forward))
         owner.collate_fn = history.wrap_collate(budget) if history is not None else budget
         self._undo.append(lambda: setattr(owner, "collate_fn", collate_fn))
+        if self.recorder is not None:
+            self.recorder.start(state.global_step)
 
     def _history(
         self, trainer: Trainer, inner: nn.Module, forward: Any, global_step: int, max_steps: int
@@ -136,7 +140,13 @@ class SSTokenCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.selective_forward.global_step = state.global_step
 
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.read()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.read()
         calls, stats = self.selective_forward.take_stats()
         if calls == 0:
             raise RuntimeError(

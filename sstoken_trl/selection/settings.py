@@ -43,7 +43,7 @@ def read_settings(config: SSTokenConfig) -> set[str]:
     if config.selector not in OWN:  # full (the baseline switch) and the offline selectors
         return names
     selector = get_selector(config.selector)
-    read = {"selector"} | OWN[config.selector]
+    read = {"selector", "audit_dir"} | OWN[config.selector]  # every selection can be recorded
     if config.selector == "sstoken":
         if config.gamma > 0:
             read |= REL

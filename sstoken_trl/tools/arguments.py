@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,16 @@ def print_help(text: str) -> None:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
     raise SystemExit(0)
+
+
+def exit_on_error(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a command's `run(argv)`; a bad input (ValueError, FileNotFoundError) ends it with `prog: error: ...` on
+    stderr and status 2, as argparse does for a bad flag."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 def _config_path(argv: list[str]) -> str | None:

@@ -27,6 +27,7 @@ from sstoken_trl.selection.budget import REAL_LABELS
 from sstoken_trl.tools.arguments import (
     SSTokenArguments,
     SSTokenSettingError,
+    exit_on_error,
     given_keys,
     parse_checked,
     print_help,
@@ -64,13 +65,16 @@ class InspectArguments:
     )
 
 
-def load_for_inspection(args: InspectArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model (+ adapter) in eval mode with TRL's fused LM head, and its tokenizer (the adapter's, if saved)."""
+def load_for_inspection(
+    args: InspectArguments, head_outputs: tuple[str, ...] = ("log_probs",)
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (+ adapter) in eval mode with TRL's fused LM head (computing `head_outputs`), and its tokenizer (the
+    adapter's, if saved)."""
     model_args = ModelConfig(
         model_name_or_path=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation
     )
     model = load_model(model_args, args.trust_remote_code).to(PartialState().device)
-    add_fused_lm_head(model)
+    add_fused_lm_head(model, outputs=head_outputs)
     if args.adapter is not None:
         model = PeftModel.from_pretrained(model, args.adapter)
     has_tokenizer = args.adapter is not None and (Path(args.adapter) / "tokenizer_config.json").is_file()
@@ -164,11 +168,7 @@ def run_inspect(argv: list[str] | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """sstoken-inspect: score a few samples with a model (+ adapter) and write the selection as HTML."""
-    try:
-        run_inspect(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sstoken-inspect: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    exit_on_error("sstoken-inspect", run_inspect, argv)
 
 
 if __name__ == "__main__":
