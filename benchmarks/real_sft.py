@@ -18,6 +18,11 @@ Content surprising by nature (benchmarks/knowledge_task.py):
   new_facts_noisy  the same, a share --noise of the answers naming another resident's town.
   sums             two-digit sums, held out on pairs never trained on.
   sums_noisy       the same, a share --noise of the sums off by 1 to 10.
+General data, the paper's setting in miniature (benchmarks/chat_task.py):
+  chat             real chitchat exchanges; learned: the held-out replies' loss (no exact match).
+Every run also reports what it kept of what the base knew (benchmarks/kept_probe.py): `knowledge_kept`, the share
+of the real-knowledge probes the base answered right still right, and `chat_drift`, the NLL per token of the base's
+own replies to held-out chat prompts (the base's own value is in the regime's `base` row).
 On a clean regime (CLEAN) nothing is flagged: the oracle is full SFT there, and is not trained again.
 Evaluated on held-out prompts (80; 48 for the facts): greedy exact match of the answer (the right town, the right
 sum) and the mean NLL of the answer tokens (clean_loss).
@@ -66,11 +71,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from benchmarks import noisy_sft
+from benchmarks.chat_task import ChatConversationsTask
+from benchmarks.kept_probe import KeptProbe, kept_probe
 from benchmarks.knowledge_task import FactsTask, SumsTask
 from benchmarks.noisy_report import summary
 from benchmarks.noisy_task import oracle_row
 from benchmarks.real_report import print_report
 from benchmarks.real_task import ChatSample, ChatTask, ReversalTask, clean_loss, greedy_exact_match
+from benchmarks.replay import base_replies, with_replay
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.loading import resolve_model
@@ -93,6 +101,7 @@ class Method:
     clean_labels: bool = False  # TokenCleaning: labels cleaned once against the reference, then plain SFT
     oracle: bool = False  # the flagged (corrupted, wrong or filler) tokens' labels masked
     steps_factor: int = 1  # optimizer steps of this run, in units of --steps
+    replay: float = 0.0  # share of the training samples swapped for the base's own chat replies (benchmarks/replay)
 
     def optimizer_steps(self, steps: int) -> int:
         return steps * (self.steps_factor + self.reference)
@@ -110,11 +119,15 @@ METHODS: dict[str, Method] = {
     if noisy_sft.REFERENCES.get(name) != "clean" and name not in noisy_sft.ORACLE_AFTER and name != "full_x2"
 }
 METHODS["full_x2"] = _from_noisy("full_x2", steps_factor=noisy_sft.STEPS_FACTOR["full_x2"])
+REPLAY_SHARE = 0.25  # two of every eight samples: the base's own replies (benchmarks/replay.py)
+METHODS["full_replay"] = Method(noisy_sft.METHODS["full"], replay=REPLAY_SHARE)
+METHODS["recommended_replay"] = Method(noisy_sft.METHODS["recommended"], replay=REPLAY_SHARE)
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
 RUN1 = "full"
-TASKS = (ReversalTask, FactsTask, SumsTask)
+TASKS = (ReversalTask, FactsTask, SumsTask, ChatConversationsTask)
 REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}
-CLEAN = ("clean", "new_facts", "sums")  # nothing flagged: the oracle is full SFT there, and is not trained again
+# Nothing flagged: the oracle is full SFT there, and is not trained again.
+CLEAN = ("clean", "new_facts", "sums", "chat")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,10 +202,23 @@ def training_data(task: ChatTask, regime: str, args: argparse.Namespace, seed: i
     return task.make(regime, args.train, args.noise, random.Random(seed), avoid)
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, samples: list[ChatSample]) -> dict[str, float]:
+def probe_of(model: PreTrainedModel, tokenizer: Any, args: argparse.Namespace) -> KeptProbe:
+    """What the base knew (benchmarks/kept_probe.py): call on the base, before training; built once per base."""
+    return kept_probe(model, tokenizer, ChatTask(tokenizer), Path(args.runs_dir))
+
+
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, task: ChatTask, samples: list[ChatSample], probe: KeptProbe
+) -> dict[str, float]:
+    """Learned (held-out exact match where replies are checkable, and the answer loss) and kept (the probe)."""
+    learned = {"accuracy": greedy_exact_match(model, tokenizer, samples)} if task.CHECKABLE else {}
+    start = time.perf_counter()
+    kept = probe.evaluate(model, tokenizer)
     return {
-        "accuracy": greedy_exact_match(model, tokenizer, samples),
+        **learned,
         "clean_loss": clean_loss(model, samples, tokenizer.pad_token_id),
+        **kept,
+        "probe_seconds": time.perf_counter() - start,
     }
 
 
@@ -218,9 +244,13 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
     if name == RUN1 and (run1 / "result.json").is_file():
         return json.loads((run1 / "result.json").read_text())
     model, tokenizer = load(folder)
+    probe = probe_of(model, tokenizer, args)
+    extra = 0.0 if not method.reference else json.loads((run1 / "result.json").read_text())["train_seconds"]
+    if method.replay:
+        replay, generate_seconds = base_replies(model, tokenizer, task, Path(args.runs_dir))
+        samples, extra = with_replay(samples, replay, method.replay, random.Random(seed)), extra + generate_seconds
     rows = [oracle_row(s) if method.oracle else s.row() for s in samples]
     reference = reference_model(folder, run1) if method.reference else None
-    extra = 0.0 if not method.reference else json.loads((run1 / "result.json").read_text())["train_seconds"]
     t0, cpu0 = time.perf_counter(), time.process_time()
     if method.clean_labels:  # TokenCleaning: one scoring pass with the base and the reference, before training
         cleaned, _ = clean_tokens(Dataset.from_list(rows), load(folder)[0], reference, args.select_ratio, 32)
@@ -237,7 +267,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
-        **evaluate(trainer.model, tokenizer, held_out(task, regime, args)),
+        **evaluate(trainer.model, tokenizer, task, held_out(task, regime, args), probe),
         **meter.shares(),
         "optimizer_steps": method.optimizer_steps(args.steps),
         "train_seconds": seconds,
@@ -258,7 +288,8 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
 
 def base_eval(regime: str, args: argparse.Namespace) -> dict[str, float]:
     model, tokenizer = load(model_folder(args))
-    return evaluate(model, tokenizer, held_out(task_for(regime, tokenizer), regime, args))
+    task = task_for(regime, tokenizer)
+    return evaluate(model, tokenizer, task, held_out(task, regime, args), probe_of(model, tokenizer, args))
 
 
 # --- scheduling and the results file --------------------------------------------------------------------------------
@@ -363,9 +394,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record(report, job, result)
         out.write_text(json.dumps(report, indent=2))  # after every job: an interrupted run keeps what it finished
         if job[0] == "train":
+            learned = f"exact match {result['accuracy']:.3f}, " if "accuracy" in result else ""
+            kept = f"knowledge kept {result['knowledge_kept']:.3f}, " if "knowledge_kept" in result else ""
             print(
-                f"{job[2]} seed {job[3]} {job[1]}: exact match {result['accuracy']:.3f}, clean loss "
-                f"{result['clean_loss']:.3f}, {result['seconds_per_step']:.2f} s/step",
+                f"{job[2]} seed {job[3]} {job[1]}: {learned}clean loss {result['clean_loss']:.3f}, {kept}"
+                f"chat drift {result['chat_drift']:.3f}, {result['seconds_per_step']:.2f} s/step",
                 flush=True,
             )
 
