@@ -30,7 +30,10 @@ sum) and the mean NLL of the answer tokens (clean_loss).
 Methods (`--methods`, METHODS): the selections of benchmarks/noisy_sft by name (their SSTokenConfig fields, rho
 --select-ratio where they set none), each a `Method`. The default set: full SFT, TRL's loss_type="dft" (no callback),
 the entropy-weighted loss, paper-exact ssToken (sstoken_g0.5), soft ssToken (sstoken_soft), the recommendation and
-the oracle (flagged tokens' labels masked). Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run
+the oracle (flagged tokens' labels masked), and the recommendation with replay (`recommended_replay`: a quarter of
+the training samples swapped for the base's own replies to general chat prompts, benchmarks/replay.py; the same
+steps on the same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is
+plain SFT with replay). Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run
 of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
 available by name. Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`; the report sets each
 method beside full SFT (equal steps per run) and beside the plain SFT run with the same total optimizer steps (equal
@@ -123,6 +126,7 @@ REPLAY_SHARE = 0.25  # two of every eight samples: the base's own replies (bench
 METHODS["full_replay"] = Method(noisy_sft.METHODS["full"], replay=REPLAY_SHARE)
 METHODS["recommended_replay"] = Method(noisy_sft.METHODS["recommended"], replay=REPLAY_SHARE)
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
+DEFAULT_METHODS += ("recommended_replay",)
 RUN1 = "full"
 TASKS = (ReversalTask, FactsTask, SumsTask, ChatConversationsTask)
 REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}
@@ -208,18 +212,19 @@ def probe_of(model: PreTrainedModel, tokenizer: Any, args: argparse.Namespace) -
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: Any, task: ChatTask, samples: list[ChatSample], probe: KeptProbe
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: list[ChatSample],
+    probe: KeptProbe | None = None,
+    checkable: bool = True,
 ) -> dict[str, float]:
-    """Learned (held-out exact match where replies are checkable, and the answer loss) and kept (the probe)."""
-    learned = {"accuracy": greedy_exact_match(model, tokenizer, samples)} if task.CHECKABLE else {}
+    """Learned (held-out exact match where replies are `checkable`, and the answer loss) and, with a `probe`, kept."""
+    learned = {"accuracy": greedy_exact_match(model, tokenizer, samples)} if checkable else {}
+    learned["clean_loss"] = clean_loss(model, samples, tokenizer.pad_token_id)
+    if probe is None:
+        return learned
     start = time.perf_counter()
-    kept = probe.evaluate(model, tokenizer)
-    return {
-        **learned,
-        "clean_loss": clean_loss(model, samples, tokenizer.pad_token_id),
-        **kept,
-        "probe_seconds": time.perf_counter() - start,
-    }
+    return {**learned, **probe.evaluate(model, tokenizer), "probe_seconds": time.perf_counter() - start}
 
 
 def run1_dir(args: argparse.Namespace, folder: Path, regime: str, seed: int, samples: list[ChatSample]) -> Path:
@@ -267,7 +272,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
-        **evaluate(trainer.model, tokenizer, task, held_out(task, regime, args), probe),
+        **evaluate(trainer.model, tokenizer, held_out(task, regime, args), probe, task.CHECKABLE),
         **meter.shares(),
         "optimizer_steps": method.optimizer_steps(args.steps),
         "train_seconds": seconds,
@@ -289,7 +294,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
 def base_eval(regime: str, args: argparse.Namespace) -> dict[str, float]:
     model, tokenizer = load(model_folder(args))
     task = task_for(regime, tokenizer)
-    return evaluate(model, tokenizer, task, held_out(task, regime, args), probe_of(model, tokenizer, args))
+    return evaluate(model, tokenizer, held_out(task, regime, args), probe_of(model, tokenizer, args), task.CHECKABLE)
 
 
 # --- scheduling and the results file --------------------------------------------------------------------------------
