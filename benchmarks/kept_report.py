@@ -58,12 +58,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     regimes = {
         r: p for r, p in report["regimes"].items() if any("chat_drift" in m["summary"] for m in p["methods"].values())
     }
+    names = list(dict.fromkeys(n for p in regimes.values() for n in p["methods"]))
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4.2), squeeze=False)
     for ax, (regime, part) in zip(axes[0], regimes.items(), strict=True):
         for name, entry in part["methods"].items():
             s = entry["summary"]
             if "knowledge_kept" in s:
-                ax.scatter(s["clean_loss"]["mean"], s["knowledge_kept"]["mean"], s=40)
+                color = f"C{names.index(name) % 10}"  # one colour per method in every panel
+                ax.scatter(s["clean_loss"]["mean"], s["knowledge_kept"]["mean"], s=40, color=color)
                 ax.annotate(name, (s["clean_loss"]["mean"], s["knowledge_kept"]["mean"]), fontsize=8)
         ax.set(title=regime, xlabel="held-out answer loss (learned; lower is better)", ylabel="knowledge kept")
         ax.set_ylim(-0.05, 1.05)
