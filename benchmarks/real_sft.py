@@ -44,10 +44,11 @@ Size, measured on 2 shared cores with one torch thread (`cpu_seconds_per_step` i
 80 steps at lr 1e-3 reach 0.988 / 0.007 (with the template's default system prompt, 56 tokens a sample), 40 steps
 at 1e-3 0.988 / 0.020, 40 steps at 5e-4 0.938 / 0.035. The default is the last, 40 steps x 8 (320 samples, one
 epoch per run) at lr 5e-4 (x4 for the facts, LR_SCALE): below the ceiling, so noise can cost and a method can
-gain, and cheap enough. Per regime and seed the seven default methods cost about 7.5 runs of steps (a history
-forward about 0.25 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: about 25 minutes per regime and seed
-with --workers 2 on two free cores, so the 8 regimes x 2 seeds of the README take about 7 hours; cut them with
---regimes, --methods and --seeds (results merge into the same file).
+gain, and cheap enough. Per regime and seed the eight default methods cost about 8.5 runs of steps (a history
+forward about 0.25 of a step), ~1500 CPU-s, plus ~25 CPU-s per evaluation and the kept probe's (40-120 s of wall
+time each on the shared machine, docs/forgetting.md): about 18 minutes per regime and seed with --workers 2 on two
+free cores, so the 9 regimes x 2 seeds take about 5.5 hours (twice that on one core); cut them with --regimes,
+--methods and --seeds (results merge into the same file).
 Run 1 of each (regime, seed, settings) is kept in --runs-dir and reused by later invocations; results are merged
 into --out (refused when the settings that shape training differ from the file's).
 """
