@@ -62,7 +62,7 @@ from benchmarks.noisy_task import (
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN, RECOMMENDED_TWO_RUNS, SOFT
+from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN, SOFT
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.tiny import build_model
 from sstoken_trl.trl_internals import collate_owner
@@ -80,6 +80,10 @@ BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_thres
     gamma=1.0, scope="batch", rel_norm="none", his_loss_clip=1.0, protect_response_end=True, select_warmup_ratio=0.5
 )
 # Loss truncation inside one run against the model being trained (no history): L_cur - H_cur > c nats.
+# A retired recommendation, loss truncation against run 1 (a plain-SFT run on the same data) as history_model.
+LOSS_TRUNCATION_TWO_RUNS = dict(
+    selector="loss_truncation", history="model", select_ratio=0.8, scope="batch", protect_response_end=True
+)
 SELF_TRUNCATION = dict(selector="self_truncation", select_ratio=0.8, scope="batch", protect_response_end=True)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),
@@ -125,7 +129,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "rec_keep0_rho0.6": dict(RECOMMENDED_ONE_RUN, select_ratio=0.6),
     "rec_keep0_w0.3": dict(RECOMMENDED_ONE_RUN, select_warmup_ratio=0.3),
     "recommended_one_run": dict(RECOMMENDED_ONE_RUN),  # REL against the base, thresholded (an earlier recommendation)
-    "loss_truncation_self": dict(RECOMMENDED_TWO_RUNS),  # against the "self" reference: two runs (the previous one)
+    "loss_truncation_self": dict(LOSS_TRUNCATION_TWO_RUNS),  # against the "self" reference: two runs (the previous one)
     "recommended": dict(RECOMMENDED),  # soft loss truncation in one run against the model being trained
     "hard_truncation": dict(RECOMMENDED, drop_weight=0.0),  # the previous recommendation: suspects dropped
     "sstoken_soft": dict(SOFT),  # soft ssToken: the paper's signals, what is being learned kept, the rest at half

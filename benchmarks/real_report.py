@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.kept_report import kept_table
 from benchmarks.noisy_report import (
     ORDER,
     PEERS,
@@ -46,17 +47,20 @@ def overview(report: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             mean = {k: v["mean"] for k, v in methods[name]["summary"].items()}
-            cell = f"{mean['accuracy']:.3f} / {mean['clean_loss']:.3f}"
+            cell = f"{_accuracy(mean)} / {mean['clean_loss']:.3f}"
             partner = plain_partner(methods, name)
             if partner and partner != name:
-                other = methods[partner]["summary"]
-                cell += (
-                    f" ({mean['accuracy'] - other['accuracy']['mean']:+.3f} / "
-                    f"{mean['clean_loss'] - other['clean_loss']['mean']:+.3f} vs {partner})"
-                )
+                other = {k: v["mean"] for k, v in methods[partner]["summary"].items()}
+                gain = f"{mean['accuracy'] - other['accuracy']:+.3f}" if "accuracy" in mean else "-"
+                cell += f" ({gain} / {mean['clean_loss'] - other['clean_loss']:+.3f} vs {partner})"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _accuracy(mean: dict[str, float]) -> str:
+    """Exact match, or `-` in a regime whose replies are not checkable (chat)."""
+    return f"{mean['accuracy']:.3f}" if "accuracy" in mean else "-"
 
 
 def _ran(methods: dict[str, Any], name: str, seeds: list[str]) -> list[str]:
@@ -87,8 +91,9 @@ def method_table(report: dict[str, Any], seeds: list[str]) -> str:
                 cells.append("-")
                 continue
             s = _summary(part["methods"], name, ran)
-            spread = f" ± {s['accuracy']['std']:.3f}" if len(ran) > 1 else ""
-            cells.append(f"{s['accuracy']['mean']:.3f}{spread} / {s['clean_loss']['mean']:.3f}{_note(ran, seeds)}")
+            spread = f" ± {s['accuracy']['std']:.3f}" if len(ran) > 1 and "accuracy" in s else ""
+            accuracy = _accuracy({k: v["mean"] for k, v in s.items()})
+            cells.append(f"{accuracy}{spread} / {s['clean_loss']['mean']:.3f}{_note(ran, seeds)}")
         rows.append([regime, *cells])
     return markdown(["regime", *names], rows)
 
@@ -102,7 +107,7 @@ def versus_table(report: dict[str, Any], seeds: list[str]) -> str:
         cells = []
         for peer in PEERS:
             both = [s for s in _ran(methods, RECOMMENDED, seeds) if s in _ran(methods, peer, seeds)]
-            if not both:
+            if not both or "accuracy" not in methods[peer]["summary"]:
                 cells.append("-")
                 continue
             mean = {n: {k: v["mean"] for k, v in _summary(methods, n, both).items()} for n in (RECOMMENDED, peer)}
@@ -130,11 +135,15 @@ def print_report(report: dict[str, Any]) -> None:
         seeds = sorted({seed for m in methods.values() for seed in m["seeds"]})
         flagged = next(iter(methods.values()))["summary"]["flagged_share"]["mean"]
         base = part.get("base")
-        base_text = f"base exact match {base['accuracy']:.3f}, clean loss {base['clean_loss']:.3f}; " if base else ""
+        base_text = f"base exact match {_accuracy(base)}, clean loss {base['clean_loss']:.3f}; " if base else ""
         print(f"\n## {regime}: {flagged:.1%} of response tokens flagged; {base_text}seeds {', '.join(seeds)}\n")
-        print(compute_table(methods))
+        first = next(iter(methods.values()))["summary"]
+        print(compute_table(methods, None if "accuracy" in first else {"clean_loss": "answer loss"}))
         print()
         print(drop_table(methods))
+    if any("chat_drift" in m["summary"] for p in report["regimes"].values() for m in p["methods"].values()):
+        print("\n## learned and kept (benchmarks/kept_probe.py), mean ± std over seeds\n")
+        print(kept_table(report))
     print("\n## all regimes: exact match / clean loss (difference to plain SFT at equal compute)\n")
     print(overview(report))
     print(

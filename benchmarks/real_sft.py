@@ -18,6 +18,11 @@ Content surprising by nature (benchmarks/knowledge_task.py):
   new_facts_noisy  the same, a share --noise of the answers naming another resident's town.
   sums             two-digit sums, held out on pairs never trained on.
   sums_noisy       the same, a share --noise of the sums off by 1 to 10.
+General data, the paper's setting in miniature (benchmarks/chat_task.py):
+  chat             real chitchat exchanges; learned: the held-out replies' loss (no exact match).
+Every run also reports what it kept of what the base knew (benchmarks/kept_probe.py): `knowledge_kept`, the share
+of the real-knowledge probes the base answered right still right, and `chat_drift`, the NLL per token of the base's
+own replies to held-out chat prompts (the base's own value is in the regime's `base` row).
 On a clean regime (CLEAN) nothing is flagged: the oracle is full SFT there, and is not trained again.
 Evaluated on held-out prompts (80; 48 for the facts): greedy exact match of the answer (the right town, the right
 sum) and the mean NLL of the answer tokens (clean_loss).
@@ -25,7 +30,10 @@ sum) and the mean NLL of the answer tokens (clean_loss).
 Methods (`--methods`, METHODS): the selections of benchmarks/noisy_sft by name (their SSTokenConfig fields, rho
 --select-ratio where they set none), each a `Method`. The default set: full SFT, TRL's loss_type="dft" (no callback),
 the entropy-weighted loss, paper-exact ssToken (sstoken_g0.5), soft ssToken (sstoken_soft), the recommendation and
-the oracle (flagged tokens' labels masked). Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run
+the oracle (flagged tokens' labels masked), and the recommendation with replay (`recommended_replay`: a quarter of
+the training samples swapped for the base's own replies to general chat prompts, benchmarks/replay.py; the same
+steps on the same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is
+plain SFT with replay). Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run
 of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
 available by name. Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`; the report sets each
 method beside full SFT (equal steps per run) and beside the plain SFT run with the same total optimizer steps (equal
@@ -36,10 +44,11 @@ Size, measured on 2 shared cores with one torch thread (`cpu_seconds_per_step` i
 80 steps at lr 1e-3 reach 0.988 / 0.007 (with the template's default system prompt, 56 tokens a sample), 40 steps
 at 1e-3 0.988 / 0.020, 40 steps at 5e-4 0.938 / 0.035. The default is the last, 40 steps x 8 (320 samples, one
 epoch per run) at lr 5e-4 (x4 for the facts, LR_SCALE): below the ceiling, so noise can cost and a method can
-gain, and cheap enough. Per regime and seed the seven default methods cost about 7.5 runs of steps (a history
-forward about 0.25 of a step), ~1300 CPU-s, plus ~25 CPU-s per evaluation: about 25 minutes per regime and seed
-with --workers 2 on two free cores, so the 8 regimes x 2 seeds of the README take about 7 hours; cut them with
---regimes, --methods and --seeds (results merge into the same file).
+gain, and cheap enough. Per regime and seed the eight default methods cost about 8.5 runs of steps (a history
+forward about 0.25 of a step), ~1500 CPU-s, plus ~25 CPU-s per evaluation and the kept probe's (40-120 s of wall
+time each on the shared machine, docs/forgetting.md): about 18 minutes per regime and seed with --workers 2 on two
+free cores, so the 9 regimes x 2 seeds take about 5.5 hours (twice that on one core); cut them with --regimes,
+--methods and --seeds (results merge into the same file).
 Run 1 of each (regime, seed, settings) is kept in --runs-dir and reused by later invocations; results are merged
 into --out (refused when the settings that shape training differ from the file's).
 """
@@ -66,11 +75,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from benchmarks import noisy_sft
+from benchmarks.chat_task import ChatConversationsTask
+from benchmarks.kept_probe import KeptProbe, kept_probe
 from benchmarks.knowledge_task import FactsTask, SumsTask
 from benchmarks.noisy_report import summary
 from benchmarks.noisy_task import oracle_row
 from benchmarks.real_report import print_report
 from benchmarks.real_task import ChatSample, ChatTask, ReversalTask, clean_loss, greedy_exact_match
+from benchmarks.replay import base_replies, with_replay
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.loading import resolve_model
@@ -93,6 +105,7 @@ class Method:
     clean_labels: bool = False  # TokenCleaning: labels cleaned once against the reference, then plain SFT
     oracle: bool = False  # the flagged (corrupted, wrong or filler) tokens' labels masked
     steps_factor: int = 1  # optimizer steps of this run, in units of --steps
+    replay: float = 0.0  # share of the training samples swapped for the base's own chat replies (benchmarks/replay)
 
     def optimizer_steps(self, steps: int) -> int:
         return steps * (self.steps_factor + self.reference)
@@ -110,11 +123,16 @@ METHODS: dict[str, Method] = {
     if noisy_sft.REFERENCES.get(name) != "clean" and name not in noisy_sft.ORACLE_AFTER and name != "full_x2"
 }
 METHODS["full_x2"] = _from_noisy("full_x2", steps_factor=noisy_sft.STEPS_FACTOR["full_x2"])
+REPLAY_SHARE = 0.25  # two of every eight samples: the base's own replies (benchmarks/replay.py)
+METHODS["full_replay"] = Method(noisy_sft.METHODS["full"], replay=REPLAY_SHARE)
+METHODS["recommended_replay"] = Method(noisy_sft.METHODS["recommended"], replay=REPLAY_SHARE)
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
+DEFAULT_METHODS += ("recommended_replay",)
 RUN1 = "full"
-TASKS = (ReversalTask, FactsTask, SumsTask)
+TASKS = (ReversalTask, FactsTask, SumsTask, ChatConversationsTask)
 REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}
-CLEAN = ("clean", "new_facts", "sums")  # nothing flagged: the oracle is full SFT there, and is not trained again
+# Nothing flagged: the oracle is full SFT there, and is not trained again.
+CLEAN = ("clean", "new_facts", "sums", "chat")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,11 +207,25 @@ def training_data(task: ChatTask, regime: str, args: argparse.Namespace, seed: i
     return task.make(regime, args.train, args.noise, random.Random(seed), avoid)
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, samples: list[ChatSample]) -> dict[str, float]:
-    return {
-        "accuracy": greedy_exact_match(model, tokenizer, samples),
-        "clean_loss": clean_loss(model, samples, tokenizer.pad_token_id),
-    }
+def probe_of(model: PreTrainedModel, tokenizer: Any, args: argparse.Namespace) -> KeptProbe:
+    """What the base knew (benchmarks/kept_probe.py): call on the base, before training; built once per base."""
+    return kept_probe(model, tokenizer, ChatTask(tokenizer), Path(args.runs_dir))
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: list[ChatSample],
+    probe: KeptProbe | None = None,
+    checkable: bool = True,
+) -> dict[str, float]:
+    """Learned (held-out exact match where replies are `checkable`, and the answer loss) and, with a `probe`, kept."""
+    learned = {"accuracy": greedy_exact_match(model, tokenizer, samples)} if checkable else {}
+    learned["clean_loss"] = clean_loss(model, samples, tokenizer.pad_token_id)
+    if probe is None:
+        return learned
+    start = time.perf_counter()
+    return {**learned, **probe.evaluate(model, tokenizer), "probe_seconds": time.perf_counter() - start}
 
 
 def run1_dir(args: argparse.Namespace, folder: Path, regime: str, seed: int, samples: list[ChatSample]) -> Path:
@@ -218,9 +250,13 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
     if name == RUN1 and (run1 / "result.json").is_file():
         return json.loads((run1 / "result.json").read_text())
     model, tokenizer = load(folder)
+    probe = probe_of(model, tokenizer, args)
+    extra = 0.0 if not method.reference else json.loads((run1 / "result.json").read_text())["train_seconds"]
+    if method.replay:
+        replay, generate_seconds = base_replies(model, tokenizer, task, Path(args.runs_dir))
+        samples, extra = with_replay(samples, replay, method.replay, random.Random(seed)), extra + generate_seconds
     rows = [oracle_row(s) if method.oracle else s.row() for s in samples]
     reference = reference_model(folder, run1) if method.reference else None
-    extra = 0.0 if not method.reference else json.loads((run1 / "result.json").read_text())["train_seconds"]
     t0, cpu0 = time.perf_counter(), time.process_time()
     if method.clean_labels:  # TokenCleaning: one scoring pass with the base and the reference, before training
         cleaned, _ = clean_tokens(Dataset.from_list(rows), load(folder)[0], reference, args.select_ratio, 32)
@@ -237,7 +273,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     result = {
-        **evaluate(trainer.model, tokenizer, held_out(task, regime, args)),
+        **evaluate(trainer.model, tokenizer, held_out(task, regime, args), probe, task.CHECKABLE),
         **meter.shares(),
         "optimizer_steps": method.optimizer_steps(args.steps),
         "train_seconds": seconds,
@@ -258,7 +294,8 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
 
 def base_eval(regime: str, args: argparse.Namespace) -> dict[str, float]:
     model, tokenizer = load(model_folder(args))
-    return evaluate(model, tokenizer, held_out(task_for(regime, tokenizer), regime, args))
+    task = task_for(regime, tokenizer)
+    return evaluate(model, tokenizer, held_out(task, regime, args), probe_of(model, tokenizer, args), task.CHECKABLE)
 
 
 # --- scheduling and the results file --------------------------------------------------------------------------------
@@ -363,9 +400,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record(report, job, result)
         out.write_text(json.dumps(report, indent=2))  # after every job: an interrupted run keeps what it finished
         if job[0] == "train":
+            learned = f"exact match {result['accuracy']:.3f}, " if "accuracy" in result else ""
+            kept = f"knowledge kept {result['knowledge_kept']:.3f}, " if "knowledge_kept" in result else ""
             print(
-                f"{job[2]} seed {job[3]} {job[1]}: exact match {result['accuracy']:.3f}, clean loss "
-                f"{result['clean_loss']:.3f}, {result['seconds_per_step']:.2f} s/step",
+                f"{job[2]} seed {job[3]} {job[1]}: {learned}clean loss {result['clean_loss']:.3f}, {kept}"
+                f"chat drift {result['chat_drift']:.3f}, {result['seconds_per_step']:.2f} s/step",
                 flush=True,
             )
 

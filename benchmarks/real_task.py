@@ -107,6 +107,7 @@ class ChatTask:
 
     REGIMES: tuple[str, ...] = ()
     LR_SCALE = 1.0  # the task's learning rate, as a multiple of --lr
+    CHECKABLE = True  # held-out replies are judged right or wrong (exact match)
 
     def __init__(self, tokenizer: Any, end_token: str = "<|im_end|>", system: str = SYSTEM) -> None:
         self.tokenizer, self.system = tokenizer, system
@@ -204,14 +205,19 @@ def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, samples: Sequence
 
 @torch.no_grad()
 def greedy_replies(
-    model: torch.nn.Module, tokenizer: Any, samples: Sequence[ChatSample], batch_size: int = 40
-) -> list[str]:
-    """The greedy continuation of every prompt up to the end token (or a few tokens past the longest response),
-    decoded; prompts batched with left padding."""
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: Sequence[ChatSample],
+    batch_size: int = 40,
+    max_new: int | None = None,
+    decode: bool = True,
+) -> list[Any]:
+    """The greedy continuation of every prompt up to the end token (or `max_new` tokens, by default a few past the
+    longest response), decoded (or the token ids); prompts batched with left padding."""
     model.eval()
     device = next(model.parameters()).device
     end_id, pad_id = samples[0].response[-1], tokenizer.pad_token_id
-    new = max(len(s.response) for s in samples) + 4
+    new = max_new or max(len(s.response) for s in samples) + 4
     replies = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -231,7 +237,8 @@ def greedy_replies(
         )
         for row in out[:, width:].tolist():
             row = row[: row.index(end_id)] if end_id in row else row
-            replies.append(tokenizer.decode(row, skip_special_tokens=True))
+            row = [t for t in row if t != pad_id]
+            replies.append(tokenizer.decode(row, skip_special_tokens=True) if decode else row)
     return replies
 
 

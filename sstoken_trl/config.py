@@ -272,12 +272,6 @@ class SSTokenConfig:
         return cls._preset(SOFT, overrides)
 
     @classmethod
-    def recommended_two_runs(cls, **overrides: Any) -> SSTokenConfig:
-        """The previous recommendation: loss truncation against run 1, a plain-SFT run on the same data, given as
-        history_model (docs/selectors.md); it costs a second training run and a second model in memory."""
-        return cls._preset(RECOMMENDED_TWO_RUNS, overrides)
-
-    @classmethod
     def recommended_one_run(cls, **overrides: Any) -> SSTokenConfig:
         """The recommendation before loss truncation: REL against the base, thresholded (docs/selectors.md)."""
         return cls._preset(RECOMMENDED_ONE_RUN, overrides)
@@ -336,15 +330,6 @@ SOFT: dict[str, Any] = {
     "rel_keep_threshold": 0.0,
     "protect_response_end": True,
     "drop_weight": 0.5,
-}
-
-# The previous recommendation, loss truncation against run 1 (history_model): SSTokenConfig.recommended_two_runs().
-RECOMMENDED_TWO_RUNS: dict[str, Any] = {
-    "selector": "loss_truncation",
-    "history": "model",
-    "select_ratio": 0.8,
-    "scope": "batch",
-    "protect_response_end": True,
 }
 
 # The recommendation before that, REL against the base thresholded: SSTokenConfig.recommended_one_run().

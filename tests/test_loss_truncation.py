@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.noisy_sft import LOSS_TRUNCATION_TWO_RUNS
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.selectors import SELECTORS, Signals, budget_ratio
@@ -77,7 +78,7 @@ def test_bad_settings_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="truncation_loss"):
         SSTokenConfig(selector="loss_truncation", history="model", truncation_loss=0.0)
     with pytest.raises(ValueError, match="plain-SFT run on the same data"):
-        SSTokenCallback(SSTokenConfig.recommended_two_runs())
+        SSTokenCallback(SSTokenConfig(**LOSS_TRUNCATION_TWO_RUNS))
 
 
 def test_sstoken_train_refuses_it_without_run_1_and_says_how(tmp_path):

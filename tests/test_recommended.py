@@ -72,10 +72,8 @@ def test_recommended_is_loss_truncation_in_one_run_without_a_history_model():
 
 
 def test_loss_truncation_needs_a_model_history_and_says_which(tmp_path):
-    two_runs = SSTokenConfig.recommended_two_runs()
-    assert (two_runs.selector, two_runs.history) == ("loss_truncation", "model")
     with pytest.raises(ValueError, match="set history='model' and history_model"):
-        SSTokenConfig.recommended_two_runs(history="base")
+        SSTokenConfig(selector="loss_truncation", history="base")
     flags = ["--sstoken_selector", "loss_truncation", "--sstoken_history", "ema"]
     with pytest.raises(ValueError, match="not --sstoken_history 'ema'"):  # named as the flag it was given
         parse_recipe([*recipe(tmp_path, sstoken_recommended=True), *flags])

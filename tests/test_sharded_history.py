@@ -19,6 +19,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTConfig, SFTTrainer
 
+from benchmarks.noisy_sft import LOSS_TRUNCATION_TWO_RUNS
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.history import HistoryContext, build_history
 from sstoken_trl.integration.guards import check_runtime
@@ -63,7 +64,7 @@ def run1(tokenizer, tmp_path):
 def test_history_model_load_under_zero3_without_an_engine_is_refused(tokenizer, run1):
     # Before: from_pretrained ran under zero.Init (here: failed importing deepspeed; with deepspeed: a model with
     # empty weights, then called outside any engine). Now: refused before loading, saying what to do.
-    config = SSTokenConfig.recommended_two_runs()
+    config = SSTokenConfig(**LOSS_TRUNCATION_TWO_RUNS)
     model = build_model("llama", len(tokenizer))
     context = HistoryContext(config, model, model, model.forward, run1)  # sstoken-inspect: no trainer
     with zero3(), pytest.raises(ValueError, match=r"ZeRO-3 .*partitioned.*DeepSpeed engine") as refused:
@@ -72,7 +73,7 @@ def test_history_model_load_under_zero3_without_an_engine_is_refused(tokenizer, 
 
 
 def test_history_model_load_under_zero3_in_a_trainer_without_deepspeed_is_refused(tokenizer, run1):
-    sft = trainer(tokenizer, SSTokenConfig.recommended_two_runs(), history_model=run1)
+    sft = trainer(tokenizer, SSTokenConfig(**LOSS_TRUNCATION_TWO_RUNS), history_model=run1)
     inner = fused_model(sft.model)
     context = HistoryContext(sft_config(sft), sft.model, inner, inner.forward, run1, sft)
     with zero3(), pytest.raises(ValueError, match="in a trainer that runs no DeepSpeed engine"):

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from benchmarks.noisy_sft import LOSS_TRUNCATION_TWO_RUNS
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.collator import SSTokenCollator
 from sstoken_trl.integration.selective_forward import BatchSelection
@@ -155,7 +156,7 @@ VOCAB = 491
 
 
 def test_page_names_loss_truncation_and_hides_the_attention_column(words):
-    config = SSTokenConfig.recommended_two_runs(history_model="runs/reference")
+    config = SSTokenConfig(**LOSS_TRUNCATION_TWO_RUNS, history_model="runs/reference")
     selection, _, _ = selection_for(words, TEXTS, REL, ATTN, CONFIG)
     page_text = render_html(selection, words, config, vocab_size=VOCAB)
     threshold = f"{math.log(VOCAB):.2f} nats"  # a uniform guess over the vocabulary
@@ -245,7 +246,7 @@ def test_inspect_with_loss_truncation_against_run_1_matches_a_plain_loop(inspect
     two_runs = ["--sstoken_selector", "loss_truncation", "--sstoken_history", "model", "--sstoken_select_ratio", "0.8"]
     two_runs += ["--sstoken_scope", "batch", "--sstoken_protect_response_end", "true"]
     run_inspect([*args, "--num_samples", "4", "--output", str(output), *two_runs, *reference])
-    config = SSTokenConfig.recommended_two_runs()
+    config = SSTokenConfig(**LOSS_TRUNCATION_TWO_RUNS)
     base = AutoModelForCausalLM.from_pretrained(root / "model")
     model = PeftModel.from_pretrained(base, root / "adapter").eval()
     batch = SSTokenCollator(tokenizer, max_length=1024)(rows[:4])

@@ -1,0 +1,88 @@
+"""Learned beside kept, per regime and method, from real_sft's results: python -m benchmarks.kept_report [FILE].
+
+Learned: held-out exact match (where replies are checkable) and answer loss. Kept (benchmarks/kept_probe.py): the
+share of the real-knowledge probes the base answered right still right, and the NLL per token of the base's own
+replies to held-out chat prompts (the base row gives its own). Means over the seeds each method ran (named). With
+--plot PNG: answer loss against knowledge kept, one panel per regime, one point per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.noisy_report import markdown, summary
+
+COLUMNS = {"accuracy": "exact match", "clean_loss": "answer loss", "knowledge_kept": "knowledge kept"}
+COLUMNS["chat_drift"] = "chat drift (NLL)"
+
+
+def cell(values: dict[str, dict[str, float]], key: str) -> str:
+    if key not in values:
+        return "-"
+    spread = f" ± {values[key]['std']:.3f}" if values[key]["std"] else ""
+    return f"{values[key]['mean']:.3f}{spread}"
+
+
+def kept_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Per regime: the base, then every method that reports what it kept, in the file's order."""
+    rows = []
+    for regime, part in report["regimes"].items():
+        if part.get("base") and "chat_drift" in part["base"]:
+            base = {k: {"mean": v, "std": 0.0} for k, v in part["base"].items()}
+            rows.append([regime, "base", "-", *(cell(base, k) for k in COLUMNS), "-"])
+        for name, entry in part["methods"].items():
+            runs = [r for r in entry["seeds"].values() if "chat_drift" in r]
+            if not runs:
+                continue
+            s = summary(runs)
+            seeds = ",".join(k for k, r in entry["seeds"].items() if "chat_drift" in r)
+            steps = f"{s['optimizer_steps']['mean']:.0f}"
+            rows.append([regime, name, seeds, *(cell(s, k) for k in COLUMNS), steps])
+    return rows
+
+
+def kept_table(report: dict[str, Any]) -> str:
+    return markdown(["regime", "method", "seeds", *COLUMNS.values(), "optimizer steps"], kept_rows(report))
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Answer loss (learned, lower is better) against knowledge kept, a panel per regime, a point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = {
+        r: p for r, p in report["regimes"].items() if any("chat_drift" in m["summary"] for m in p["methods"].values())
+    }
+    names = list(dict.fromkeys(n for p in regimes.values() for n in p["methods"]))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4.2), squeeze=False)
+    for ax, (regime, part) in zip(axes[0], regimes.items(), strict=True):
+        for name, entry in part["methods"].items():
+            s = entry["summary"]
+            if "knowledge_kept" in s:
+                color = f"C{names.index(name) % 10}"  # one colour per method in every panel
+                ax.scatter(s["clean_loss"]["mean"], s["knowledge_kept"]["mean"], s=40, color=color)
+                ax.annotate(name, (s["clean_loss"]["mean"], s["knowledge_kept"]["mean"]), fontsize=8)
+        ax.set(title=regime, xlabel="held-out answer loss (learned; lower is better)", ylabel="knowledge kept")
+        ax.set_ylim(-0.05, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", nargs="?", default="benchmarks/results/real_sft_kept.json")
+    p.add_argument("--plot", help="write the learned-against-kept plot to this PNG")
+    args = p.parse_args(argv)
+    report = json.loads(Path(args.file).read_text())
+    print(kept_table(report))
+    if args.plot:
+        plot(report, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Replay of the base model's own replies: a share of each training set swapped for general chat the base answers.
+
+The base's greedy replies to the first user turns of chitchat conversations no regime trains on or evaluates
+(REPLAY_CONVERSATIONS) are generated once per base model (cached; the seconds it took are the method's extra cost)
+and stand in for a share of the training samples, so a run makes the same optimizer steps on the same number of
+samples: training on what the base already says pulls the weights back where the task does not need them moved.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.chat_task import MAX_TOKENS, user_turns
+from benchmarks.kept_probe import cached, greedy_token_replies, replies_as_samples
+from benchmarks.real_task import ChatSample, ChatTask
+
+REPLAY_CONVERSATIONS = (3300, 3400)  # 97 prompts that fit: a quarter of 320 samples is 80
+REPLAY_NEW_TOKENS = 40
+
+
+def build(model: torch.nn.Module, tokenizer: Any, task: ChatTask) -> dict[str, Any]:
+    prompts = user_turns(*REPLAY_CONVERSATIONS, tokenizer)
+    return {"prompts": prompts, "replies": greedy_token_replies(model, tokenizer, task, prompts, REPLAY_NEW_TOKENS)}
+
+
+def base_replies(model: torch.nn.Module, tokenizer: Any, task: ChatTask, cache: Path) -> tuple[list[ChatSample], float]:
+    """The base's own replies as samples (nothing flagged), and the seconds generating them took."""
+    settings = [REPLAY_CONVERSATIONS, REPLAY_NEW_TOKENS, MAX_TOKENS]
+    built = cached(cache, "replay", model, settings, build, tokenizer, task)
+    return replies_as_samples(task, built["prompts"], built["replies"]), built["build_seconds"]
+
+
+def with_replay(samples: list[ChatSample], replay: list[ChatSample], share: float, rng: random.Random) -> list:
+    """`samples` with round(share * n) of them, drawn by `rng`, replaced by distinct replay samples; same length."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"replay share={share} must be in [0, 1): the share of training samples replaced.")
+    count = round(share * len(samples))
+    if count > len(replay):
+        raise ValueError(f"replay needs {count} base replies, {len(replay)} are available")
+    out = list(samples)
+    for index, extra in zip(rng.sample(range(len(out)), count), rng.sample(replay, count), strict=True):
+        out[index] = extra
+    return out

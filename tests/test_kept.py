@@ -1,0 +1,94 @@
+"""What a run kept of what the base knew, the chat regime and replay: the probes, the data and a minimal run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks import chat_task, kept_probe, kept_report, real_sft, replay
+from benchmarks.real_task import ChatSample, ChatTask
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return real_sft.tiny_model(tmp_path_factory.mktemp("kept") / "tiny-llama")
+
+
+def test_a_probe_answer_is_right_when_the_reply_mentions_one_accepted_answer():
+    assert kept_probe.mentions("The capital of France is Paris.", "Paris")
+    assert kept_probe.mentions("He was a brilliant Physicist.", "physicist|scientist")
+    assert not kept_probe.mentions("Dunholt is the capital of France.", "Paris")
+    assert len({kind for kind, _, _ in kept_probe.PROBES}) >= 5  # several kinds of fact and skill
+
+
+def test_chat_regime_holds_out_conversations_and_fits_its_token_budget(tiny_folder):
+    _, tokenizer = real_sft.load(tiny_folder)
+    task = chat_task.ChatConversationsTask(tokenizer)
+    held = task.held_out("chat", 20)
+    train = task.make("chat", 30, 0.0, random.Random(0), task.held_out_keys(held))
+    assert len(held) == 20 and len(train) == 30 and not task.CHECKABLE
+    assert {s.words for s in held}.isdisjoint({s.words for s in train})
+    for s in train:
+        assert len(s.response) <= chat_task.MAX_TOKENS + 1 and s.response[-1] == task.end_id and not any(s.corrupted)
+    other = task.make("chat", 30, 0.0, random.Random(1))
+    assert [s.words for s in other] != [s.words for s in train]  # drawn per seed
+    lo, hi = kept_probe.DRIFT_CONVERSATIONS
+    assert chat_task.HELD_OUT_CONVERSATIONS[1] <= replay.REPLAY_CONVERSATIONS[0] < replay.REPLAY_CONVERSATIONS[1] <= lo
+    assert chat_task.TRAIN_CONVERSATIONS[1] <= chat_task.HELD_OUT_CONVERSATIONS[0] and hi <= len(
+        chat_task.conversations()
+    )
+
+
+def test_replay_swaps_a_share_of_the_samples_for_distinct_base_replies():
+    def sample(tag: int) -> ChatSample:
+        return ChatSample([1, tag], [tag, 2], [False, False])
+
+    samples, pool = [sample(i) for i in range(20)], [sample(100 + i) for i in range(10)]
+    mixed = replay.with_replay(samples, pool, 0.25, random.Random(3))
+    swapped = [i for i, (a, b) in enumerate(zip(samples, mixed, strict=True)) if a is not b]
+    assert len(mixed) == 20 and len(swapped) == 5
+    assert len({id(mixed[i]) for i in swapped}) == 5 and all(mixed[i] in pool for i in swapped)
+    assert replay.with_replay(samples, pool, 0.0, random.Random(3)) == samples
+    with pytest.raises(ValueError, match="must be in"):
+        replay.with_replay(samples, pool, 1.0, random.Random(3))
+    with pytest.raises(ValueError, match="base replies"):
+        replay.with_replay(samples, pool[:2], 0.5, random.Random(3))
+
+
+def test_probe_is_built_once_per_base_and_scores_the_base_replies(tmp_path, tiny_folder):
+    model, tokenizer = real_sft.load(tiny_folder)
+    calls = []
+
+    def make(model, value):
+        calls.append(value)
+        return {"value": value}
+
+    first = kept_probe.cached(tmp_path, "probe", model, [1], make, 7)
+    again = kept_probe.cached(tmp_path, "probe", model, [1], make, 8)
+    other = kept_probe.cached(tmp_path, "probe", model, [2], make, 9)
+    assert calls == [7, 9] and first == again and first["value"] == 7 and other["value"] == 9
+    task = ChatTask(tokenizer)
+    replies = kept_probe.greedy_token_replies(model, tokenizer, task, ["hello there", "how are you?"], 5)
+    assert all(1 <= len(r) <= 5 and (r[-1] == task.end_id or len(r) == 5) for r in replies)
+    samples = kept_probe.replies_as_samples(task, ["hello there", "how are you?"], replies)
+    assert [s.response for s in samples] == replies and samples[0].prompt == task.prompt_ids("hello there")
+
+
+def test_real_sft_reports_learned_and_kept_in_the_chat_and_facts_regimes(tmp_path, tiny_folder):
+    out, runs = tmp_path / "real.json", tmp_path / "runs"
+    runs.mkdir()
+    (runs / "tiny-llama").symlink_to(tiny_folder)
+    argv = ["--tiny", "--steps", "2", "--batch", "4", "--eval", "6", "--runs-dir", str(runs), "--out", str(out)]
+    real_sft.main([*argv, "--regimes", "chat,new_facts", "--methods", "recommended_replay"])
+    report = json.loads(out.read_text())
+    for regime in ("chat", "new_facts"):
+        part = report["regimes"][regime]
+        row = part["methods"]["recommended_replay"]["seeds"]["0"]
+        for result in (row, part["base"]):
+            assert result["chat_drift"] > 0 and ("accuracy" in result) == (regime == "new_facts")
+        assert row["total_train_seconds"] > row["train_seconds"]  # the base replies' generation counted
+        assert row["chat_drift"] != part["base"]["chat_drift"]  # scored under the fine-tuned model
+    table = kept_report.kept_table(report)
+    assert table.count("| chat |") == table.count("| new_facts |") == 2  # the base and the method
