@@ -62,7 +62,7 @@ from benchmarks.noisy_task import (
     teacher_forced,
 )
 from sstoken_trl import SSTokenCallback, SSTokenConfig
-from sstoken_trl.config import RECOMMENDED, RECOMMENDED_ONE_RUN, SOFT
+from sstoken_trl.config import RECOMMENDED, SOFT
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.tiny import build_model
 from sstoken_trl.trl_internals import collate_owner
@@ -81,6 +81,17 @@ BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_thres
 )
 # Loss truncation inside one run against the model being trained (no history): L_cur - H_cur > c nats.
 # A retired recommendation, loss truncation against run 1 (a plain-SFT run on the same data) as history_model.
+# An earlier recommendation, retired from the public API by the evidence: REL against the base, thresholded.
+RECOMMENDED_ONE_RUN: dict[str, Any] = {
+    "select_ratio": 0.8,
+    "rel_keep_threshold": 0.0,
+    "gamma": 1.0,
+    "scope": "batch",
+    "rel_norm": "none",
+    "his_loss_clip": 1.0,
+    "protect_response_end": True,
+    "select_warmup_ratio": 0.5,
+}
 LOSS_TRUNCATION_TWO_RUNS = dict(
     selector="loss_truncation", history="model", select_ratio=0.8, scope="batch", protect_response_end=True
 )

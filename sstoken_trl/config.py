@@ -272,11 +272,6 @@ class SSTokenConfig:
         return cls._preset(SOFT, overrides)
 
     @classmethod
-    def recommended_one_run(cls, **overrides: Any) -> SSTokenConfig:
-        """The recommendation before loss truncation: REL against the base, thresholded (docs/selectors.md)."""
-        return cls._preset(RECOMMENDED_ONE_RUN, overrides)
-
-    @classmethod
     def _preset(cls, preset: dict[str, Any], overrides: dict[str, Any]) -> SSTokenConfig:
         """`preset` with `overrides` winning; preset settings the chosen selector does not read are left out, so
         that switching the selector of a preset (a baseline, one flag away) keeps only what the new one reads."""
@@ -330,16 +325,4 @@ SOFT: dict[str, Any] = {
     "rel_keep_threshold": 0.0,
     "protect_response_end": True,
     "drop_weight": 0.5,
-}
-
-# The recommendation before that, REL against the base thresholded: SSTokenConfig.recommended_one_run().
-RECOMMENDED_ONE_RUN: dict[str, Any] = {
-    "select_ratio": 0.8,
-    "rel_keep_threshold": 0.0,
-    "gamma": 1.0,
-    "scope": "batch",
-    "rel_norm": "none",
-    "his_loss_clip": 1.0,
-    "protect_response_end": True,
-    "select_warmup_ratio": 0.5,
 }

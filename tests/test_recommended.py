@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from benchmarks.noisy_sft import RECOMMENDED_ONE_RUN
 from sstoken_trl.config import RECOMMENDED, SSTokenConfig
 from sstoken_trl.selection.selectors import uses_history
 from sstoken_trl.tools.arguments import parse_recipe
@@ -59,8 +60,8 @@ def test_keys_given_at_the_paper_default_win_too(tmp_path):
 
 def test_one_run_recommendation_refuses_the_paper_gamma_with_rel_in_nats():
     with pytest.raises(ValueError, match="use gamma=1.0, or rel_norm='rank'"):
-        SSTokenConfig.recommended_one_run(gamma=0.5)
-    config = SSTokenConfig.recommended_one_run(gamma=0.5, rel_norm="rank")
+        SSTokenConfig(**dict(RECOMMENDED_ONE_RUN, gamma=0.5))
+    config = SSTokenConfig(**dict(RECOMMENDED_ONE_RUN, gamma=0.5, rel_norm="rank"))
     assert (config.gamma, config.rel_norm, config.scope) == (0.5, "rank", "batch")
     assert config.selector == "sstoken" and config.history == "base"
 

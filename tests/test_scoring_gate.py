@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+from benchmarks.noisy_sft import RECOMMENDED_ONE_RUN
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.adapters import TESTED_FAMILIES, attention_modules, layer_windows
 from sstoken_trl.integration.selective_forward import uses_attention
@@ -300,7 +301,7 @@ def test_tested_families_are_not_checked(tokenizer, caplog):
         (SSTokenConfig(selector="rho1", history="model", history_model="ref"), False),
         (SSTokenConfig(selector="loss_truncation", history="model", history_model="run1"), False),
         (SSTokenConfig.recommended(), False),
-        (SSTokenConfig.recommended_one_run(), False),  # gamma 1: REL only
+        (SSTokenConfig(**RECOMMENDED_ONE_RUN), False),  # gamma 1: REL only
     ],
 )
 def test_which_configurations_read_attention(config, expected):

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from benchmarks.noisy_sft import RECOMMENDED_ONE_RUN
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.integration.warmup import WARMUP_FILE
 from sstoken_trl.selection.budget import MARKED_STEP, REAL_LABELS, WARMUP_ROWS, SelectionBudget, take_warm_rows
@@ -117,7 +118,7 @@ def train(tokenizer, output_dir, config=RECOMMENDED, resume=None, stop_at=None, 
 
 @pytest.mark.parametrize(
     "config",
-    [SSTokenConfig(select_warmup_ratio=0.5), SSTokenConfig.recommended_one_run()],
+    [SSTokenConfig(select_warmup_ratio=0.5), SSTokenConfig(**RECOMMENDED_ONE_RUN)],
     ids=["sample", "recommended_one_run"],
 )
 def test_training_keeps_every_token_until_the_warmup_ends_and_counts_match(tokenizer, tmp_path, config):

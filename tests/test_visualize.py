@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from benchmarks.noisy_sft import LOSS_TRUNCATION_TWO_RUNS
+from benchmarks.noisy_sft import LOSS_TRUNCATION_TWO_RUNS, RECOMMENDED_ONE_RUN
 from sstoken_trl.config import SSTokenConfig
 from sstoken_trl.data.collator import SSTokenCollator
 from sstoken_trl.integration.selective_forward import BatchSelection
@@ -329,7 +329,7 @@ def test_packed_row_renders_each_document_and_keeps_eos_tokens(words):
 
 
 def test_rule_states_the_one_run_recommendation_with_its_clip_in_nats():
-    rule = describe_rule(SSTokenConfig.recommended_one_run(), vocab_size=VOCAB)
+    rule = describe_rule(SSTokenConfig(**RECOMMENDED_ONE_RUN), vocab_size=VOCAB)
     assert rule.columns == ("REL", "Score")  # gamma 1: no attention term
     assert f"L_his clipped at log V = {math.log(VOCAB):.2f} nats" in rule.text
     assert "Score = REL and the top ceil(0.8 x n) are kept" in rule.text and "last token is always kept" in rule.text
