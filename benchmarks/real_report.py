@@ -107,11 +107,15 @@ def versus_table(report: dict[str, Any], seeds: list[str]) -> str:
         cells = []
         for peer in PEERS:
             both = [s for s in _ran(methods, RECOMMENDED, seeds) if s in _ran(methods, peer, seeds)]
-            if not both or "accuracy" not in methods[peer]["summary"]:
+            mean = (
+                {}
+                if not both
+                else {n: {k: v["mean"] for k, v in _summary(methods, n, both).items()} for n in (RECOMMENDED, peer)}
+            )
+            if "accuracy" in mean.get(peer, {}):  # none where none ran both, or the regime has no exact match (chat)
+                cells.append(versus(mean[RECOMMENDED], mean[peer]) + _note(both, seeds))
+            else:
                 cells.append("-")
-                continue
-            mean = {n: {k: v["mean"] for k, v in _summary(methods, n, both).items()} for n in (RECOMMENDED, peer)}
-            cells.append(versus(mean[RECOMMENDED], mean[peer]) + _note(both, seeds))
         if any(c != "-" for c in cells):
             rows.append([regime, *cells])
     return markdown(["regime", *(f"{RECOMMENDED} vs {p}" for p in PEERS)], rows)
