@@ -350,18 +350,25 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
 
 def check_trainable(training: SFTConfig, path: str | None, argv: list[str]) -> None:
     """A learning rate, step count or epoch count that cannot train stops here, before anything is loaded."""
-    bad = []
-    if not training.learning_rate > 0:
-        bad.append(("learning_rate", training.learning_rate, "a positive number (the recipes use 1e-4 to 2e-4)"))
-    if training.max_steps == 0 or training.max_steps < -1:
-        bad.append(("max_steps", training.max_steps, "a positive whole number, or -1 to train num_train_epochs"))
-    if training.max_steps == -1 and not training.num_train_epochs > 0:
-        bad.append(("num_train_epochs", training.num_train_epochs, "a positive number (or set max_steps)"))
-    if bad:
-        key, value, takes = bad[0]
-        flag = any(arg.split("=", 1)[0] == f"--{key}" for arg in argv)
-        where = f"--{key} {value}" if flag or path is None else f"{path}: {key}: {value}"
-        raise ValueError(f"{where} cannot train: {key} takes {takes}.")
+    checks = [
+        ("learning_rate", training.learning_rate > 0, "a positive number (the recipes use 1e-4 to 2e-4)"),
+        (
+            "max_steps",
+            training.max_steps > 0 or training.max_steps == -1,
+            "a positive whole number, or -1 to train num_train_epochs",
+        ),
+        (
+            "num_train_epochs",
+            training.max_steps != -1 or training.num_train_epochs > 0,
+            "a positive number (or set max_steps)",
+        ),
+    ]
+    for key, trains, takes in checks:
+        if not trains:
+            value = getattr(training, key)
+            flag = any(arg.split("=", 1)[0] == f"--{key}" for arg in argv)
+            where = f"--{key} {value}" if flag or path is None else f"{path}: {key}: {value}"
+            raise ValueError(f"{where} cannot train: {key} takes {takes}.")
 
 
 def _cell(text: str) -> str:
