@@ -168,11 +168,17 @@ def build(model: torch.nn.Module, tokenizer: Any, task: ChatTask) -> dict[str, A
 
 @torch.no_grad()
 def greedy_token_replies(
-    model: torch.nn.Module, tokenizer: Any, task: ChatTask, prompts: list[str], max_new: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: ChatTask,
+    prompts: list[str],
+    max_new: int,
+    sample_seed: int | None = None,
 ) -> list[list[int]]:
-    """The greedy reply token ids to each prompt, the end token included where it came within `max_new` tokens."""
+    """The greedy reply token ids to each prompt (with `sample_seed`: drawn at temperature 1), the end token
+    included where it came within `max_new` tokens."""
     stand_in = [task.sample(p, [Part("x")]) for p in prompts]
-    replies = greedy_replies(model, tokenizer, stand_in, max_new=max_new, decode=False)
+    replies = greedy_replies(model, tokenizer, stand_in, max_new=max_new, decode=False, sample_seed=sample_seed)
     return [r + [task.end_id] if len(r) < max_new else r for r in replies]
 
 

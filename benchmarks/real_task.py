@@ -211,9 +211,11 @@ def greedy_replies(
     batch_size: int = 40,
     max_new: int | None = None,
     decode: bool = True,
+    sample_seed: int | None = None,
 ) -> list[Any]:
     """The greedy continuation of every prompt up to the end token (or `max_new` tokens, by default a few past the
-    longest response), decoded (or the token ids); prompts batched with left padding."""
+    longest response), decoded (or the token ids); prompts batched with left padding. With `sample_seed`, drawn
+    from the model's own distribution instead (temperature 1, no top-k or top-p), reproducibly."""
     model.eval()
     device = next(model.parameters()).device
     end_id, pad_id = samples[0].response[-1], tokenizer.pad_token_id
@@ -227,11 +229,14 @@ def greedy_replies(
         for i, s in enumerate(chunk):  # left padding: every prompt ends at the last column
             ids[i, width - len(s.prompt) :] = torch.tensor(s.prompt)
             mask[i, width - len(s.prompt) :] = 1
+        if sample_seed is not None:
+            torch.manual_seed(sample_seed + start)
+        drawn = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample_seed is not None else {}
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=new,
-            do_sample=False,
+            **(drawn or {"do_sample": False}),
             eos_token_id=end_id,
             pad_token_id=pad_id,
         )

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from benchmarks import chat_task, kept_probe, kept_report, real_sft, replay
+from benchmarks import chat_task, kept_probe, kept_report, noisy_sft, real_sft, replay
 from benchmarks.real_task import ChatSample, ChatTask
 
 
@@ -57,6 +57,23 @@ def test_replay_swaps_a_share_of_the_samples_for_distinct_base_replies():
         replay.with_replay(samples, pool[:2], 0.5, random.Random(3))
 
 
+def test_replay_added_keeps_every_sample_and_grows_the_batch_by_its_share():
+    def sample(tag: int) -> ChatSample:
+        return ChatSample([1, tag], [tag, 2], [False, False])
+
+    samples, pool = [sample(i) for i in range(20)], [sample(100 + i) for i in range(3)]
+    mixed = replay.with_replay_added(samples, pool, 0.25, random.Random(3))
+    assert mixed[:20] == samples and len(mixed) == 25 and all(m in pool for m in mixed[20:])
+    assert len({id(m) for m in mixed[20:23]}) == 3  # every reply once before any repeats
+    with pytest.raises(ValueError, match="must be > 0"):
+        replay.with_replay_added(samples, pool, 0.0, random.Random(3))
+    method = real_sft.METHODS["recommended_replay_added"]
+    assert method.batch(8) == 10 and real_sft.METHODS["full_replay_added_half"].batch(8) == 12
+    assert real_sft.METHODS["recommended"].batch(8) == 8
+    args = real_sft.parse_args(["--lora-r", "64", "--lora-alpha", "16"])
+    assert noisy_sft.lora(args).lora_alpha == 16 and noisy_sft.lora(real_sft.parse_args([])).lora_alpha == 32
+
+
 def test_probe_is_built_once_per_base_and_scores_the_base_replies(tmp_path, tiny_folder):
     model, tokenizer = real_sft.load(tiny_folder)
     calls = []
@@ -72,6 +89,8 @@ def test_probe_is_built_once_per_base_and_scores_the_base_replies(tmp_path, tiny
     task = ChatTask(tokenizer)
     replies = kept_probe.greedy_token_replies(model, tokenizer, task, ["hello there", "how are you?"], 5)
     assert all(1 <= len(r) <= 5 and (r[-1] == task.end_id or len(r) == 5) for r in replies)
+    drawn = [kept_probe.greedy_token_replies(model, tokenizer, task, ["hello there"] * 3, 5, 7) for _ in range(2)]
+    assert drawn[0] == drawn[1] and len({tuple(r) for r in drawn[0]}) > 1  # reproducible draws, not the greedy one
     samples = kept_probe.replies_as_samples(task, ["hello there", "how are you?"], replies)
     assert [s.response for s in samples] == replies and samples[0].prompt == task.prompt_ids("hello there")
 
@@ -81,14 +100,21 @@ def test_real_sft_reports_learned_and_kept_in_the_chat_and_facts_regimes(tmp_pat
     runs.mkdir()
     (runs / "tiny-llama").symlink_to(tiny_folder)
     argv = ["--tiny", "--steps", "2", "--batch", "4", "--eval", "6", "--runs-dir", str(runs), "--out", str(out)]
-    real_sft.main([*argv, "--regimes", "chat,new_facts", "--methods", "recommended_replay"])
+    real_sft.main([*argv, "--regimes", "chat,new_facts", "--methods", "recommended_replay_added"])
     report = json.loads(out.read_text())
     for regime in ("chat", "new_facts"):
         part = report["regimes"][regime]
-        row = part["methods"]["recommended_replay"]["seeds"]["0"]
+        row = part["methods"]["recommended_replay_added"]["seeds"]["0"]
         for result in (row, part["base"]):
             assert result["chat_drift"] > 0 and ("accuracy" in result) == (regime == "new_facts")
         assert row["total_train_seconds"] > row["train_seconds"]  # the base replies' generation counted
         assert row["chat_drift"] != part["base"]["chat_drift"]  # scored under the fine-tuned model
     table = kept_report.kept_table(report)
     assert table.count("| chat |") == table.count("| new_facts |") == 2  # the base and the method
+    other = {**report, "settings": {**report["settings"], "lr": 1e-4, "train": 99}}
+    both = kept_report.merged([report, other])
+    assert list(both["regimes"]["chat"]["methods"]) == [
+        "recommended_replay_added",
+        "recommended_replay_added lr=0.0001",
+    ]
+    assert list(report["regimes"]["chat"]["methods"]) == ["recommended_replay_added"]  # the first file untouched
