@@ -66,13 +66,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for name, entry in part["methods"].items():
             s = entry["summary"]
             if "knowledge_kept" in s:
-                color = f"C{names.index(name) % 10}"  # one colour per method in every panel
-                ax.scatter(s["clean_loss"]["mean"], s["knowledge_kept"]["mean"], s=40, color=color)
-                ax.annotate(name, (s["clean_loss"]["mean"], s["knowledge_kept"]["mean"]), fontsize=8)
+                index = names.index(name)  # one colour and marker per method in every panel, named in the legend
+                style = {"color": f"C{index % 10}", "marker": "osD^v"[index // 10 % 5], "label": name}
+                ax.scatter(s["clean_loss"]["mean"], s["knowledge_kept"]["mean"], s=45, **style)
         ax.set(title=regime, xlabel="held-out answer loss (learned; lower is better)", ylabel="knowledge kept")
         ax.set_ylim(-0.05, 1.05)
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def merged(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -118,3 +119,6 @@ def test_real_sft_reports_learned_and_kept_in_the_chat_and_facts_regimes(tmp_pat
         "recommended_replay_added lr=0.0001",
     ]
     assert list(report["regimes"]["chat"]["methods"]) == ["recommended_replay_added"]  # the first file untouched
+    if importlib.util.find_spec("matplotlib"):
+        kept_report.plot(both, tmp_path / "kept.png")
+        assert (tmp_path / "kept.png").stat().st_size > 0
