@@ -79,8 +79,6 @@ CLIP_RANK_PROTECT = dict(his_loss_clip=1.0, rel_norm="rank", protect_response_en
 BATCH_THRESHOLD = dict(  # the step before the recommendation: no rel_keep_threshold
     gamma=1.0, scope="batch", rel_norm="none", his_loss_clip=1.0, protect_response_end=True, select_warmup_ratio=0.5
 )
-# Loss truncation inside one run against the model being trained (no history): L_cur - H_cur > c nats.
-# A retired recommendation, loss truncation against run 1 (a plain-SFT run on the same data) as history_model.
 # An earlier recommendation, retired from the public API by the evidence: REL against the base, thresholded.
 RECOMMENDED_ONE_RUN: dict[str, Any] = {
     "select_ratio": 0.8,
@@ -92,9 +90,11 @@ RECOMMENDED_ONE_RUN: dict[str, Any] = {
     "protect_response_end": True,
     "select_warmup_ratio": 0.5,
 }
+# A retired recommendation, loss truncation against run 1 (a plain-SFT run on the same data) as history_model.
 LOSS_TRUNCATION_TWO_RUNS = dict(
     selector="loss_truncation", history="model", select_ratio=0.8, scope="batch", protect_response_end=True
 )
+# Loss truncation inside one run against the model being trained (no history): L_cur - H_cur > c nats.
 SELF_TRUNCATION = dict(selector="self_truncation", select_ratio=0.8, scope="batch", protect_response_end=True)
 METHODS: dict[str, dict[str, Any]] = {
     "full": dict(selector="full"),

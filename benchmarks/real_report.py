@@ -107,15 +107,12 @@ def versus_table(report: dict[str, Any], seeds: list[str]) -> str:
         cells = []
         for peer in PEERS:
             both = [s for s in _ran(methods, RECOMMENDED, seeds) if s in _ran(methods, peer, seeds)]
-            mean = (
-                {}
-                if not both
-                else {n: {k: v["mean"] for k, v in _summary(methods, n, both).items()} for n in (RECOMMENDED, peer)}
-            )
-            if "accuracy" in mean.get(peer, {}):  # none where none ran both, or the regime has no exact match (chat)
-                cells.append(versus(mean[RECOMMENDED], mean[peer]) + _note(both, seeds))
-            else:
+            if not both:
                 cells.append("-")
+                continue
+            mean = {n: {k: v["mean"] for k, v in _summary(methods, n, both).items()} for n in (RECOMMENDED, peer)}
+            checkable = "accuracy" in mean[peer]  # a regime without exact match (chat) has no comparison here
+            cells.append(versus(mean[RECOMMENDED], mean[peer]) + _note(both, seeds) if checkable else "-")
         if any(c != "-" for c in cells):
             rows.append([regime, *cells])
     return markdown(["regime", *(f"{RECOMMENDED} vs {p}" for p in PEERS)], rows)

@@ -229,14 +229,16 @@ def greedy_replies(
         for i, s in enumerate(chunk):  # left padding: every prompt ends at the last column
             ids[i, width - len(s.prompt) :] = torch.tensor(s.prompt)
             mask[i, width - len(s.prompt) :] = 1
-        if sample_seed is not None:
+        if sample_seed is None:
+            decoding: dict[str, Any] = {"do_sample": False}
+        else:
             torch.manual_seed(sample_seed + start)
-        drawn = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample_seed is not None else {}
+            decoding = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=new,
-            **(drawn or {"do_sample": False}),
+            **decoding,
             eos_token_id=end_id,
             pad_token_id=pad_id,
         )

@@ -12,6 +12,10 @@ from benchmarks import chat_task, kept_probe, kept_report, noisy_sft, real_sft, 
 from benchmarks.real_task import ChatSample, ChatTask
 
 
+def _sample(tag: int) -> ChatSample:
+    return ChatSample([1, tag], [tag, 2], [False, False])
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     return real_sft.tiny_model(tmp_path_factory.mktemp("kept") / "tiny-llama")
@@ -43,10 +47,7 @@ def test_chat_regime_holds_out_conversations_and_fits_its_token_budget(tiny_fold
 
 
 def test_replay_swaps_a_share_of_the_samples_for_distinct_base_replies():
-    def sample(tag: int) -> ChatSample:
-        return ChatSample([1, tag], [tag, 2], [False, False])
-
-    samples, pool = [sample(i) for i in range(20)], [sample(100 + i) for i in range(10)]
+    samples, pool = [_sample(i) for i in range(20)], [_sample(100 + i) for i in range(10)]
     mixed = replay.with_replay(samples, pool, 0.25, random.Random(3))
     swapped = [i for i, (a, b) in enumerate(zip(samples, mixed, strict=True)) if a is not b]
     assert len(mixed) == 20 and len(swapped) == 5
@@ -59,10 +60,7 @@ def test_replay_swaps_a_share_of_the_samples_for_distinct_base_replies():
 
 
 def test_replay_added_keeps_every_sample_and_grows_the_batch_by_its_share():
-    def sample(tag: int) -> ChatSample:
-        return ChatSample([1, tag], [tag, 2], [False, False])
-
-    samples, pool = [sample(i) for i in range(20)], [sample(100 + i) for i in range(3)]
+    samples, pool = [_sample(i) for i in range(20)], [_sample(100 + i) for i in range(3)]
     mixed = replay.with_replay_added(samples, pool, 0.25, random.Random(3))
     assert mixed[:20] == samples and len(mixed) == 25 and all(m in pool for m in mixed[20:])
     assert len({id(m) for m in mixed[20:23]}) == 3  # every reply once before any repeats
