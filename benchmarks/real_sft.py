@@ -35,7 +35,9 @@ the training samples swapped for the base's own replies to general chat prompts,
 steps on the same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is
 plain SFT with replay). `*_replay_added` keep every task sample and add the replies on top (each batch of 8 grows to
 10, the same steps; `_half`: to 12), `recommended_replay_sampled` adds replies drawn from the base's distribution
-instead of its greedy ones (docs/forgetting.md). Two-run methods (loss truncation or RHO-1 against run 1 = the
+instead of its greedy ones (docs/forgetting.md). `*_anchor` (full, recommended, sstoken_soft, hard_truncation) add the
+base anchor (benchmarks/base_anchor.py): the KL to the base on every position the step does not fully train, weight 1
+(`_anchor3`: 3). Two-run methods (loss truncation or RHO-1 against run 1 = the
 `full` run of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
 available by name. Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`; the report sets each
 method beside full SFT (equal steps per run) and beside the plain SFT run with the same total optimizer steps (equal
@@ -77,6 +79,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from benchmarks import noisy_sft
+from benchmarks.base_anchor import ANCHOR_WEIGHT, BaseAnchor
 from benchmarks.chat_task import ChatConversationsTask
 from benchmarks.kept_probe import KeptProbe, kept_probe
 from benchmarks.knowledge_task import FactsTask, SumsTask
@@ -110,6 +113,7 @@ class Method:
     replay: float = 0.0  # share of the training samples swapped for the base's own chat replies (benchmarks/replay)
     replay_added: float = 0.0  # base replies added per task sample: each batch grows by this share, steps stay
     replay_sampled: bool = False  # the replies drawn from the base's distribution, not greedy
+    anchor: float = 0.0  # weight of the KL to the base on the positions not fully trained (benchmarks/base_anchor)
 
     def batch(self, batch: int) -> int:
         return batch + round(self.replay_added * batch)
@@ -139,6 +143,9 @@ for _share, _suffix in ((REPLAY_SHARE, ""), (2 * REPLAY_SHARE, "_half")):
 METHODS["recommended_replay_sampled"] = Method(
     noisy_sft.METHODS["recommended"], replay_added=REPLAY_SHARE, replay_sampled=True
 )
+for _name in ("full", "recommended", "sstoken_soft", "hard_truncation"):
+    METHODS[f"{_name}_anchor"] = Method(noisy_sft.METHODS[_name], anchor=ANCHOR_WEIGHT)
+    METHODS[f"{_name}_anchor3"] = Method(noisy_sft.METHODS[_name], anchor=3 * ANCHOR_WEIGHT)
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
 DEFAULT_METHODS += ("recommended_replay",)
 RUN1 = "full"
@@ -287,7 +294,8 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         sft = noisy_sft.sft_args(
             tmp, steps, method.batch(args.batch), lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll")
         )
-        callbacks: list[TrainerCallback] = [c for c in (sstoken, meter) if c is not None]
+        anchor = BaseAnchor(method.anchor, sstoken) if method.anchor else None
+        callbacks: list[TrainerCallback] = [c for c in (sstoken, meter, anchor) if c is not None]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     result = {

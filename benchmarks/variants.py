@@ -5,6 +5,8 @@
 - cached: SSTokenCallback with history="cache" (base losses computed once before training, looked up per batch).
 - recommended: SSTokenConfig.recommended() (loss truncation in one run, no history), with its selection warm-up
   off so that every timed step selects (the warm-up steps are plain SFT).
+- recommended_anchor: the same plus the base anchor (benchmarks/base_anchor.py: a no-grad forward with the adapters
+  disabled and the LM head of both models over the positions not fully trained), a forgetting candidate.
 - output_attentions: the published code's attention path, as a reference. Every layer runs eager attention and
   returns its map (`output_attentions=True`); the last layer's map gives the score. History losses come from
   the same cache, and the same fused LM head computes the log-probs, so only the attention path differs.
@@ -26,12 +28,13 @@ from transformers import PreTrainedModel, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from benchmarks.base_anchor import ANCHOR_WEIGHT, BaseAnchor
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.history.cache import CACHED_LOG_PROBS, LossCache
 from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.selectors import sstoken_select
 
-VARIANTS = ("sft", "online", "cached", "output_attentions", "recommended")
+VARIANTS = ("sft", "online", "cached", "output_attentions", "recommended", "recommended_anchor")
 
 
 class Stopwatch:
@@ -210,10 +213,11 @@ def make_trainers(
         if name == "sft":
             inst = Instruments(device)
             trainer = SFTTrainer(**common, callbacks=[inst])
-        elif name == "recommended":
+        elif name in ("recommended", "recommended_anchor"):
             callback = SSTokenCallback(SSTokenConfig.recommended(select_warmup_ratio=0.0))
             inst = Instruments(device, callback)
-            trainer = SFTTrainer(**common, callbacks=[callback, inst])
+            anchor = [BaseAnchor(ANCHOR_WEIGHT, callback)] if name == "recommended_anchor" else []
+            trainer = SFTTrainer(**common, callbacks=[callback, inst, *anchor])
         elif name in ("online", "cached"):
             history = dict(history="cache", history_cache_dir=cache_dir) if name == "cached" else {}
             callback = SSTokenCallback(SSTokenConfig(**sstoken, **history))

@@ -1,0 +1,104 @@
+"""The base anchor: every position the step does not fully train on pulled toward the base model's distribution.
+
+A forgetting candidate (docs/forgetting.md): beside the selected tokens' NLL, the loss adds
+`anchor_weight` x the mean KL(p_base || p_cur) over the anchored positions: the prompt's own next-token positions
+(never trained by SFT, so free to drift) and the response tokens the selection left out or weighed below 1.
+Where the model still predicts like the base the pull is zero; where training moved it off the base without the
+data asking for it, the pull brings it back. The base is the model with its LoRA adapters disabled: one more
+forward without gradient per micro-batch, and the LM head over the anchored positions of both models (in chunks,
+so the (positions, vocabulary) logits are never whole).
+
+The term is added through TRL's fused output: TRL's loss is -sum(log_probs) / num_items_in_batch over the trained
+tokens, so the KL mean is subtracted from each trained token's log-prob (the sum moves by exactly the term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import TrainerCallback
+
+from sstoken_trl import SSTokenCallback
+from sstoken_trl.selection.budget import REAL_LABELS
+from sstoken_trl.trl_internals import fused_model
+
+CHUNK = 256  # anchored positions per LM-head call
+ANCHOR_WEIGHT = 1.0  # the KL term beside the NLL, both means per token
+
+
+def kl_to_base(h_base: torch.Tensor, h_cur: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Sum over positions of KL(p_base || p_cur), from the final hidden states (positions, hidden) of both."""
+    total = h_cur.new_zeros(())
+    for start in range(0, h_cur.shape[0], CHUNK):
+        with torch.no_grad():
+            logp_base = F.log_softmax(lm_head(h_base[start : start + CHUNK]).float(), dim=-1)
+        logp_cur = F.log_softmax(lm_head(h_cur[start : start + CHUNK]).float(), dim=-1)
+        total = total + (logp_base.exp() * (logp_base - logp_cur)).sum()
+    return total
+
+
+class BaseAnchor(TrainerCallback):
+    """Installs the anchored loss at train start (after SSTokenCallback, whose selection it reads when given)."""
+
+    def __init__(self, anchor_weight: float, sstoken: SSTokenCallback | None = None) -> None:
+        if anchor_weight <= 0:
+            raise ValueError(f"anchor_weight={anchor_weight} must be > 0: the weight of the KL to the base.")
+        self.anchor_weight, self.sstoken = anchor_weight, sstoken
+        self.kl_sum, self.positions = 0.0, 0  # summed over the run: the KL to the base, the anchored positions
+        self._restore: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        if not isinstance(model, PeftModel):
+            raise ValueError(
+                "The base anchor reads the base as the model with its adapters disabled, so it needs a PEFT model: "
+                "pass a peft_config (LoRA) to the trainer."
+            )
+        inner = fused_model(model)
+        backbone = getattr(inner, inner.base_model_prefix)
+        forward = inner.forward
+
+        def anchored(*a: Any, fused_lm_head: bool = False, **kw: Any) -> Any:
+            labels = kw.get(REAL_LABELS, kw.get("labels"))
+            if not fused_lm_head or labels is None:
+                return forward(*a, fused_lm_head=fused_lm_head, **kw)
+            inputs = {k: kw.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+            with torch.no_grad(), model.disable_adapter():
+                h_base = backbone(**inputs).last_hidden_state
+            captured: list[torch.Tensor] = []  # the last backbone call is the training forward's
+            handle = backbone.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+            try:
+                out = forward(*a, fused_lm_head=True, **kw)
+            finally:
+                handle.remove()
+            h_cur = captured[-1]
+            mask = self._anchored(labels, inputs["attention_mask"], out.label_mask)
+            kl = kl_to_base(h_base[:, :-1][mask], h_cur[:, :-1][mask], inner.get_output_embeddings())
+            self.kl_sum, self.positions = self.kl_sum + kl.item(), self.positions + int(mask.sum())
+            term = self.anchor_weight * kl / mask.sum().clamp(min=1)
+            log_probs = torch.where(out.label_mask, out.log_probs - term, out.log_probs)
+            return replace(out, log_probs=log_probs)
+
+        inner.forward = anchored
+        # SSTokenCallback, before this one in the list, may have put its own forward back at train end already
+        self._restore = lambda: vars(inner)["forward"] is anchored and vars(inner).__setitem__("forward", forward)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._restore is not None:
+            self._restore()
+
+    def _anchored(
+        self, labels: torch.Tensor, attention_mask: torch.Tensor | None, trained: torch.Tensor
+    ) -> torch.Tensor:
+        """Target positions (B, T-1) the step does not fully train on: the prompt's, and the responses' left out."""
+        real = torch.ones_like(trained) if attention_mask is None else attention_mask[:, 1:].bool()
+        response = labels[:, 1:] != -100
+        full = trained
+        last = self.sstoken.last_selection if self.sstoken is not None else None
+        if last is not None and last.weight is not None:
+            full = trained & (last.weight >= 1)
+        return real & ~(response & full)
