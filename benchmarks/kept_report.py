@@ -50,6 +50,14 @@ def kept_table(report: dict[str, Any]) -> str:
     return markdown(["regime", "method", "seeds", *COLUMNS.values(), "optimizer steps"], kept_rows(report))
 
 
+def axis_end(losses: list[float], base_loss: float | None) -> float:
+    """Where a panel's loss axis ends: past every method that beat the base (whose loss a worse one would stretch the
+    axis to); every loss when no base is known or none beat it."""
+    beat = [x for x in losses if base_loss is None or x < base_loss]
+    top = max(beat or losses)
+    return top + 0.15 * (top - min(losses)) + 0.05
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Answer loss (learned, lower is better) against knowledge kept, a panel per regime, a point per method."""
     import matplotlib
@@ -63,12 +71,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     names = list(dict.fromkeys(n for p in regimes.values() for n in p["methods"]))
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4.2), squeeze=False)
     for ax, (regime, part) in zip(axes[0], regimes.items(), strict=True):
-        for name, entry in part["methods"].items():
-            s = entry["summary"]
-            if "knowledge_kept" in s:
-                index = names.index(name)  # one colour and marker per method in every panel, named in the legend
-                style = {"color": f"C{index % 10}", "marker": "osD^v"[index // 10 % 5], "label": name}
-                ax.scatter(s["clean_loss"]["mean"], s["knowledge_kept"]["mean"], s=45, **style)
+        points = {n: e["summary"] for n, e in part["methods"].items() if "knowledge_kept" in e["summary"]}
+        right = axis_end([s["clean_loss"]["mean"] for s in points.values()], (part.get("base") or {}).get("clean_loss"))
+        for name, s in points.items():
+            index = names.index(name)  # one colour and marker per method in every panel, named in the legend
+            style = {"color": f"C{index % 10}", "marker": "osD^v"[index // 10 % 5], "label": name}
+            loss, kept = s["clean_loss"]["mean"], s["knowledge_kept"]["mean"]
+            if loss > right:  # learned less than the base knew: at the axis's end, its loss written beside
+                style["marker"] = ">"
+                ax.annotate(f"{loss:.2f}", (right, kept), textcoords="offset points", xytext=(-8, 8), fontsize=8)
+            ax.scatter(min(loss, right), kept, s=45, **style)
         ax.set(title=regime, xlabel="held-out answer loss (learned; lower is better)", ylabel="knowledge kept")
         ax.set_ylim(-0.05, 1.05)
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}

@@ -120,3 +120,10 @@ def test_real_sft_reports_learned_and_kept_in_the_chat_and_facts_regimes(tmp_pat
     if importlib.util.find_spec("matplotlib"):
         kept_report.plot(both, tmp_path / "kept.png")
         assert (tmp_path / "kept.png").stat().st_size > 0
+
+
+def test_the_plot_axis_ends_past_the_methods_that_beat_the_base():
+    end = kept_report.axis_end([0.8, 1.5, 12.2], base_loss=7.8)  # 12.2: learned less than the base knew
+    assert 1.5 < end < 2.0
+    assert kept_report.axis_end([0.8, 1.5, 12.2], base_loss=None) > 12.2
+    assert kept_report.axis_end([9.0, 12.2], base_loss=7.8) > 12.2  # none beat the base: every point on the axis
