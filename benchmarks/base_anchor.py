@@ -5,8 +5,9 @@ A forgetting candidate (docs/forgetting.md): beside the selected tokens' NLL, th
 (never trained by SFT, so free to drift) and the response tokens the selection left out or weighed below 1.
 Where the model still predicts like the base the pull is zero; where training moved it off the base without the
 data asking for it, the pull brings it back. The base is the model with its LoRA adapters disabled: one more
-forward without gradient per micro-batch, and the LM head over the anchored positions of both models (in chunks,
-so the (positions, vocabulary) logits are never whole).
+forward without gradient per micro-batch, and the LM head over the anchored positions of both models, in chunks.
+Autograd keeps each chunk's log-probabilities for the backward, so memory grows with anchored positions x vocabulary:
+right at this benchmark's size; at scale the term would need a chunked backward of its own.
 
 The term is added through TRL's fused output: TRL's loss is -sum(log_probs) / num_items_in_batch over the trained
 tokens, so the KL mean is subtracted from each trained token's log-prob (the sum moves by exactly the term).
