@@ -24,6 +24,7 @@ from peft import PeftModel
 from transformers import TrainerCallback
 
 from sstoken_trl import SSTokenCallback
+from sstoken_trl.scoring.layout import batch_layout
 from sstoken_trl.selection.budget import REAL_LABELS
 from sstoken_trl.trl_internals import fused_model
 
@@ -49,7 +50,7 @@ class BaseAnchor(TrainerCallback):
         if anchor_weight <= 0:
             raise ValueError(f"anchor_weight={anchor_weight} must be > 0: the weight of the KL to the base.")
         self.anchor_weight, self.sstoken = anchor_weight, sstoken
-        self.kl_sum, self.positions = 0.0, 0  # summed over the run: the KL to the base, the anchored positions
+        self.positions: torch.Tensor | int = 0  # anchored positions over the run (a tensor: no host sync per step)
         self._restore: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -79,8 +80,9 @@ class BaseAnchor(TrainerCallback):
             h_cur = captured[-1]
             mask = self._anchored(labels, inputs["attention_mask"], out.label_mask)
             kl = kl_to_base(h_base[:, :-1][mask], h_cur[:, :-1][mask], inner.get_output_embeddings())
-            self.kl_sum, self.positions = self.kl_sum + kl.item(), self.positions + int(mask.sum())
-            term = self.anchor_weight * kl / mask.sum().clamp(min=1)
+            count = mask.sum()
+            self.positions = self.positions + count
+            term = self.anchor_weight * kl / count.clamp(min=1)
             log_probs = torch.where(out.label_mask, out.log_probs - term, out.log_probs)
             return replace(out, log_probs=log_probs)
 
@@ -96,10 +98,7 @@ class BaseAnchor(TrainerCallback):
         self, labels: torch.Tensor, attention_mask: torch.Tensor | None, trained: torch.Tensor
     ) -> torch.Tensor:
         """Target positions (B, T-1) the step does not fully train on: the prompt's, and the responses' left out."""
-        real = torch.ones_like(trained) if attention_mask is None else attention_mask[:, 1:].bool()
-        response = labels[:, 1:] != -100
-        full = trained
+        layout = batch_layout(labels, attention_mask)
         last = self.sstoken.last_selection if self.sstoken is not None else None
-        if last is not None and last.weight is not None:
-            full = trained & (last.weight >= 1)
-        return real & ~(response & full)
+        full = trained if last is None or last.weight is None else trained & (last.weight >= 1)
+        return layout.real[:, 1:] & ~(layout.response & full)
