@@ -6,8 +6,10 @@ A forgetting candidate (docs/forgetting.md): beside the selected tokens' NLL, th
 Where the model still predicts like the base the pull is zero; where training moved it off the base without the
 data asking for it, the pull brings it back. The base is the model with its LoRA adapters disabled: one more
 forward without gradient per micro-batch, and the LM head over the anchored positions of both models, in chunks.
-Autograd keeps each chunk's log-probabilities for the backward, so memory grows with anchored positions x vocabulary:
-right at this benchmark's size; at scale the term would need a chunked backward of its own.
+With `prompt_only` only the prompt's positions are pulled: the responses never are, so the tokens a selection leaves
+out stay free to move away from the base (its gain on noisy answers kept). Autograd keeps each chunk's log-probabilities
+for the backward, so memory grows with anchored positions x vocabulary: right at this benchmark's size; at scale the
+term would need a chunked backward of its own.
 
 The term is added through TRL's fused output: TRL's loss is -sum(log_probs) / num_items_in_batch over the trained
 tokens, so the KL mean is subtracted from each trained token's log-prob (the sum moves by exactly the term).
@@ -46,10 +48,10 @@ def kl_to_base(h_base: torch.Tensor, h_cur: torch.Tensor, lm_head: torch.nn.Modu
 class BaseAnchor(TrainerCallback):
     """Installs the anchored loss at train start (after SSTokenCallback, whose selection it reads when given)."""
 
-    def __init__(self, anchor_weight: float, sstoken: SSTokenCallback | None = None) -> None:
+    def __init__(self, anchor_weight: float, sstoken: SSTokenCallback | None = None, prompt_only: bool = False) -> None:
         if anchor_weight <= 0:
             raise ValueError(f"anchor_weight={anchor_weight} must be > 0: the weight of the KL to the base.")
-        self.anchor_weight, self.sstoken = anchor_weight, sstoken
+        self.anchor_weight, self.sstoken, self.prompt_only = anchor_weight, sstoken, prompt_only
         self.positions: torch.Tensor | int = 0  # anchored positions over the run (a tensor: no host sync per step)
         self._restore: Any = None
 
@@ -97,8 +99,11 @@ class BaseAnchor(TrainerCallback):
     def _anchored(
         self, labels: torch.Tensor, attention_mask: torch.Tensor | None, trained: torch.Tensor
     ) -> torch.Tensor:
-        """Target positions (B, T-1) the step does not fully train on: the prompt's, and the responses' left out."""
+        """Target positions (B, T-1) the step does not fully train on: the prompt's, and the responses' left out
+        (with `prompt_only`, the prompt's alone)."""
         layout = batch_layout(labels, attention_mask)
+        if self.prompt_only:
+            return layout.real[:, 1:] & ~layout.response
         last = self.sstoken.last_selection if self.sstoken is not None else None
         full = trained if last is None or last.weight is None else trained & (last.weight >= 1)
         return layout.real[:, 1:] & ~(layout.response & full)

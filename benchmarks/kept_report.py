@@ -5,20 +5,24 @@ share of the real-knowledge probes the base answered right still right, and the 
 replies to held-out chat prompts (the base row gives its own). Means over the seeds each method ran (named). Further
 files (other training settings: a lower learning rate, a smaller rank, fewer steps) join the first, each method named
 with the settings that differ ("full lr=0.00025"). With --plot PNG: answer loss against knowledge kept, one panel per
-regime, one point per method.
+regime, one point per method. With --summary: the README's table, a row per regime and a cell per method (--methods),
+and the share of full SFT's gap to the oracle each method closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.noisy_report import markdown, summary
+from benchmarks.noisy_report import FULL, ORACLE, markdown, summary
 
 COLUMNS = {"accuracy": "exact match", "clean_loss": "answer loss", "knowledge_kept": "knowledge kept"}
 COLUMNS["chat_drift"] = "chat drift (NLL)"
+SUMMARY_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended")
+SUMMARY_METHODS += ("recommended_replay_sampled", "recommended_anchor_prompt", "oracle")
 
 
 def cell(values: dict[str, dict[str, float]], key: str) -> str:
@@ -36,11 +40,11 @@ def kept_rows(report: dict[str, Any]) -> list[list[str]]:
             base = {k: {"mean": v, "std": 0.0} for k, v in part["base"].items()}
             rows.append([regime, "base", "-", *(cell(base, k) for k in COLUMNS), "-"])
         for name, entry in part["methods"].items():
-            runs = [r for r in entry["seeds"].values() if "chat_drift" in r]
-            if not runs:
+            done = sorted((k for k, r in entry["seeds"].items() if "chat_drift" in r), key=int)
+            if not done:
                 continue
-            s = summary(runs)
-            seeds = ",".join(k for k, r in entry["seeds"].items() if "chat_drift" in r)
+            s = summary(kept_runs(entry))
+            seeds = ",".join(done)
             steps = f"{s['optimizer_steps']['mean']:.0f}"
             rows.append([regime, name, seeds, *(cell(s, k) for k in COLUMNS), steps])
     return rows
@@ -48,6 +52,57 @@ def kept_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def kept_table(report: dict[str, Any]) -> str:
     return markdown(["regime", "method", "seeds", *COLUMNS.values(), "optimizer steps"], kept_rows(report))
+
+
+def summary_table(report: dict[str, Any], names: list[str] | None = None) -> str:
+    """The README's table: a row per regime, a column per method (`names`, else every one that reports what it kept),
+    each cell the answer loss and the knowledge kept, means over the seeds ("1 seed" where only one ran)."""
+    regimes = {r: p for r, p in report["regimes"].items() if p.get("base") and "chat_drift" in p["base"]}
+    found = dict.fromkeys(n for p in regimes.values() for n, e in p["methods"].items() if kept_runs(e))
+    names = [n for n in names or found if n in found]
+    rows = []
+    for regime, part in regimes.items():
+        base = part["base"]
+        row = [regime, f"{base['clean_loss']:.3f} / {base['knowledge_kept']:.0%}"]
+        for name in names:
+            runs = kept_runs(part["methods"].get(name, {"seeds": {}}))
+            if not runs:
+                row.append("-")
+                continue
+            s = summary(runs)
+            seeds = " (1 seed)" if len(runs) == 1 else ""
+            row.append(f"{s['clean_loss']['mean']:.3f} / {s['knowledge_kept']['mean']:.0%}{seeds}")
+        rows.append(row)
+    return markdown(["regime", "base", *names], rows)
+
+
+def gaps_closed(report: dict[str, Any], names: list[str]) -> list[str]:
+    """Per regime with full SFT and the oracle: the share of their answer-loss gap each method closes, on the seeds
+    the three have in common (negative: further from the oracle than full SFT)."""
+    lines = []
+    for regime, part in report["regimes"].items():
+        seeds = {n: {k for k, r in e["seeds"].items() if "chat_drift" in r} for n, e in part["methods"].items()}
+        if FULL not in seeds or ORACLE not in seeds:
+            continue
+        cells = []
+        for name in (n for n in names if n in seeds and n not in (FULL, ORACLE)):
+            common = sorted(seeds[name] & seeds[FULL] & seeds[ORACLE], key=int)
+            if not common:
+                continue
+            methods = part["methods"]
+            loss = {
+                n: statistics.fmean(methods[n]["seeds"][k]["clean_loss"] for k in common) for n in (name, FULL, ORACLE)
+            }
+            gap = loss[ORACLE] - loss[FULL]
+            cells.append(f"{name} {(loss[name] - loss[FULL]) / gap:.0%} (seeds {','.join(common)})")
+        lines.append(f"{regime}: " + ", ".join(cells))
+    return lines
+
+
+def kept_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A method's runs that report what they kept, in seed order."""
+    done = sorted((k for k, r in entry["seeds"].items() if "chat_drift" in r), key=int)
+    return [entry["seeds"][k] for k in done]
 
 
 def axis_end(losses: list[float], base_loss: float | None) -> float:
@@ -69,8 +124,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         r: p for r, p in report["regimes"].items() if any("chat_drift" in m["summary"] for m in p["methods"].values())
     }
     names = list(dict.fromkeys(n for p in regimes.values() for n in p["methods"]))
-    fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4.2), squeeze=False)
-    for ax, (regime, part) in zip(axes[0], regimes.items(), strict=True):
+    columns = min(3, len(regimes))
+    lines = -(-len(regimes) // columns)
+    fig, grid = plt.subplots(lines, columns, figsize=(5 * columns, 4.2 * lines), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(regimes) :]:
+        ax.set_axis_off()
+    for ax, (regime, part) in zip(axes, regimes.items(), strict=False):
         points = {n: e["summary"] for n, e in part["methods"].items() if "knowledge_kept" in e["summary"]}
         right = axis_end([s["clean_loss"]["mean"] for s in points.values()], (part.get("base") or {}).get("clean_loss"))
         for name, s in points.items():
@@ -83,7 +143,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.scatter(min(loss, right), kept, s=45, **style)
         ax.set(title=regime, xlabel="held-out answer loss (learned; lower is better)", ylabel="knowledge kept")
         ax.set_ylim(-0.05, 1.05)
-    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
     fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -108,9 +168,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", default=["benchmarks/results/real_sft_kept.json"])
     p.add_argument("--plot", help="write the learned-against-kept plot to this PNG")
+    p.add_argument("--summary", action="store_true", help="print instead the README's table and the gaps closed")
+    p.add_argument("--methods", default=",".join(SUMMARY_METHODS), help="--summary's methods, comma separated")
     args = p.parse_args(argv)
     report = merged([json.loads(Path(f).read_text()) for f in args.files])
-    print(kept_table(report))
+    if args.summary:
+        names = args.methods.split(",")
+        print(summary_table(report, names))
+        print("\nThe share of full SFT's answer-loss gap to the oracle closed:")
+        print("\n".join(gaps_closed(report, names)))
+    else:
+        print(kept_table(report))
     if args.plot:
         plot(report, Path(args.plot))
 

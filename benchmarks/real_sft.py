@@ -37,11 +37,12 @@ plain SFT with replay). `*_replay_added` keep every task sample and add the repl
 10, the same steps; `_half`: to 12), `recommended_replay_sampled` adds replies drawn from the base's distribution
 instead of its greedy ones (docs/forgetting.md). `*_anchor` (full, recommended, sstoken_soft, hard_truncation) add the
 base anchor (benchmarks/base_anchor.py): the KL to the base on every position the step does not fully train, weight 1
-(`_anchor3`: 3). Two-run methods (loss truncation or RHO-1 against run 1 = the
-`full` run of the same regime, seed and steps, `_self`) and `full_x2` (twice the steps, their equal-compute partner) are
-available by name. Each row carries `optimizer_steps`, counting run 1, and `total_train_seconds`; the report sets each
-method beside full SFT (equal steps per run) and beside the plain SFT run with the same total optimizer steps (equal
-compute). A new candidate is one line: `METHODS["name"] = Method(dict(...SSTokenConfig fields...))`.
+(`_anchor3`: 3; `recommended_anchor_prompt`: the prompt's positions only, the responses the selection left out free).
+Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run of the same regime, seed and steps, `_self`)
+and `full_x2` (twice the steps, their equal-compute partner) are available by name. Each row carries `optimizer_steps`,
+counting run 1, and `total_train_seconds`; the report sets each method beside full SFT (equal steps per run) and beside
+the plain SFT run with the same total optimizer steps (equal compute).
+A new candidate is one line: `METHODS["name"] = Method(dict(...SSTokenConfig fields...))`.
 
 Size, measured on 2 shared cores with one torch thread (`cpu_seconds_per_step` in the JSON): one LoRA step at
 8 x ~46 tokens costs 3.9-4.1 s of CPU time. Full SFT on clean data (base: exact match 0.000, clean loss 1.95):
@@ -114,6 +115,7 @@ class Method:
     replay_added: float = 0.0  # base replies added per task sample: each batch grows by this share, steps stay
     replay_sampled: bool = False  # the replies drawn from the base's distribution, not greedy
     anchor: float = 0.0  # weight of the KL to the base on the positions not fully trained (benchmarks/base_anchor)
+    anchor_prompt_only: bool = False  # the anchor on the prompt's positions only, the responses left free
 
     def batch(self, batch: int) -> int:
         return batch + round(self.replay_added * batch)
@@ -146,6 +148,9 @@ METHODS["recommended_replay_sampled"] = Method(
 for _name in ("full", "recommended", "sstoken_soft", "hard_truncation"):
     METHODS[f"{_name}_anchor"] = Method(noisy_sft.METHODS[_name], anchor=ANCHOR_WEIGHT)
     METHODS[f"{_name}_anchor3"] = Method(noisy_sft.METHODS[_name], anchor=3 * ANCHOR_WEIGHT)
+METHODS["recommended_anchor_prompt"] = Method(
+    noisy_sft.METHODS["recommended"], anchor=ANCHOR_WEIGHT, anchor_prompt_only=True
+)
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
 DEFAULT_METHODS += ("recommended_replay",)
 RUN1 = "full"
@@ -294,7 +299,7 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         sft = noisy_sft.sft_args(
             tmp, steps, method.batch(args.batch), lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll")
         )
-        anchor = BaseAnchor(method.anchor, sstoken) if method.anchor else None
+        anchor = BaseAnchor(method.anchor, sstoken, method.anchor_prompt_only) if method.anchor else None
         callbacks: list[TrainerCallback] = [c for c in (sstoken, meter, anchor) if c is not None]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0

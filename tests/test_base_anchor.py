@@ -82,6 +82,8 @@ def test_the_responses_left_out_or_weighed_below_one_are_anchored_too():
     selection = SimpleNamespace(last_selection=SimpleNamespace(weight=weight))
     mask = base_anchor.BaseAnchor(1.0, selection)._anchored(labels, torch.ones(1, 6, dtype=torch.long), trained)
     assert mask.tolist() == [[True, False, True, True, False]]  # prompt, halved, left out
+    prompt = base_anchor.BaseAnchor(1.0, selection, prompt_only=True)._anchored(labels, torch.ones(1, 6), trained)
+    assert prompt.tolist() == [[True, False, False, False, False]]  # the responses free, whatever was selected
     with pytest.raises(ValueError, match="anchor_weight"):
         base_anchor.BaseAnchor(0.0)
     with pytest.raises(ValueError, match="PEFT model"):

@@ -127,3 +127,26 @@ def test_the_plot_axis_ends_past_the_methods_that_beat_the_base():
     assert 1.5 < end < 2.0
     assert kept_report.axis_end([0.8, 1.5, 12.2], base_loss=None) > 12.2
     assert kept_report.axis_end([9.0, 12.2], base_loss=7.8) > 12.2  # none beat the base: every point on the axis
+
+
+def test_the_kept_tables_name_the_seeds_in_order_and_close_gaps_on_the_seeds_shared(tmp_path, capsys):
+    run = {"clean_loss": 1.0, "knowledge_kept": 0.5, "chat_drift": 1.2, "optimizer_steps": 40}
+    seeds = {"1": dict(run, clean_loss=0.8), "0": run, "2": {"clean_loss": 0.1}}  # seed 2 reports nothing kept
+    report = {"regimes": {"chat": {"base": {}, "methods": {"full": {"seeds": seeds}}}}}
+    [row] = kept_report.kept_rows(report)
+    assert row[:4] == ["chat", "full", "0,1", "-"] and row[4] == "0.900 ± 0.141"
+    report["regimes"]["chat"]["base"] = {"clean_loss": 4.5, "knowledge_kept": 1.0, "chat_drift": 0.9}
+    one = {"seeds": {"0": dict(run, knowledge_kept=0.25)}}
+    report["regimes"]["chat"]["methods"]["recommended"] = one
+    summary = kept_report.summary_table(report, ["recommended", "full", "dft"])  # dft ran nowhere: no column
+    assert summary.splitlines()[0] == "| regime | base | recommended | full |"
+    assert summary.splitlines()[2] == "| chat | 4.500 / 100% | 1.000 / 25% (1 seed) | 0.900 / 50% |"
+    assert kept_report.gaps_closed(report, ["recommended"]) == []  # no oracle: no gap to close
+    report["regimes"]["chat"]["methods"]["oracle"] = {"seeds": {"0": dict(run, clean_loss=0.4)}}
+    one["seeds"]["0"]["clean_loss"] = 0.7  # seed 0, the one the three share: full 1.0, oracle 0.4
+    assert kept_report.gaps_closed(report, ["recommended"]) == ["chat: recommended 50% (seeds 0)"]
+    report["settings"] = {"lr": 5e-4}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    kept_report.main(["--summary", str(tmp_path / "r.json"), "--methods", "oracle,recommended"])
+    printed = capsys.readouterr().out
+    assert "| regime | base | oracle | recommended |" in printed and "chat: recommended 50% (seeds 0)" in printed
