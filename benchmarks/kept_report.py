@@ -40,10 +40,10 @@ def kept_rows(report: dict[str, Any]) -> list[list[str]]:
             base = {k: {"mean": v, "std": 0.0} for k, v in part["base"].items()}
             rows.append([regime, "base", "-", *(cell(base, k) for k in COLUMNS), "-"])
         for name, entry in part["methods"].items():
-            done = sorted((k for k, r in entry["seeds"].items() if "chat_drift" in r), key=int)
+            done = kept_seeds(entry)
             if not done:
                 continue
-            s = summary(kept_runs(entry))
+            s = summary([entry["seeds"][k] for k in done])
             seeds = ",".join(done)
             steps = f"{s['optimizer_steps']['mean']:.0f}"
             rows.append([regime, name, seeds, *(cell(s, k) for k in COLUMNS), steps])
@@ -81,7 +81,8 @@ def gaps_closed(report: dict[str, Any], names: list[str]) -> list[str]:
     the three have in common (negative: further from the oracle than full SFT)."""
     lines = []
     for regime, part in report["regimes"].items():
-        seeds = {n: {k for k, r in e["seeds"].items() if "chat_drift" in r} for n, e in part["methods"].items()}
+        methods = part["methods"]
+        seeds = {n: set(kept_seeds(e)) for n, e in methods.items()}
         if FULL not in seeds or ORACLE not in seeds:
             continue
         cells = []
@@ -89,20 +90,23 @@ def gaps_closed(report: dict[str, Any], names: list[str]) -> list[str]:
             common = sorted(seeds[name] & seeds[FULL] & seeds[ORACLE], key=int)
             if not common:
                 continue
-            methods = part["methods"]
-            loss = {
-                n: statistics.fmean(methods[n]["seeds"][k]["clean_loss"] for k in common) for n in (name, FULL, ORACLE)
-            }
-            gap = loss[ORACLE] - loss[FULL]
-            cells.append(f"{name} {(loss[name] - loss[FULL]) / gap:.0%} (seeds {','.join(common)})")
-        lines.append(f"{regime}: " + ", ".join(cells))
+            loss = {n: statistics.fmean(methods[n]["seeds"][k]["clean_loss"] for k in common) for n in (name, FULL)}
+            gap = statistics.fmean(methods[ORACLE]["seeds"][k]["clean_loss"] for k in common) - loss[FULL]
+            if abs(gap) > 1e-9:  # an oracle level with full SFT leaves no gap to close
+                cells.append(f"{name} {(loss[name] - loss[FULL]) / gap:.0%} (seeds {','.join(common)})")
+        if cells:
+            lines.append(f"{regime}: " + ", ".join(cells))
     return lines
+
+
+def kept_seeds(entry: dict[str, Any]) -> list[str]:
+    """The seeds of a method's runs that report what they kept, in order."""
+    return sorted((k for k, r in entry["seeds"].items() if "chat_drift" in r), key=int)
 
 
 def kept_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """A method's runs that report what they kept, in seed order."""
-    done = sorted((k for k, r in entry["seeds"].items() if "chat_drift" in r), key=int)
-    return [entry["seeds"][k] for k in done]
+    return [entry["seeds"][k] for k in kept_seeds(entry)]
 
 
 def axis_end(losses: list[float], base_loss: float | None) -> float:
