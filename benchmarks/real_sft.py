@@ -30,10 +30,11 @@ sum) and the mean NLL of the answer tokens (clean_loss).
 Methods (`--methods`, METHODS): the selections of benchmarks/noisy_sft by name (their SSTokenConfig fields, rho
 --select-ratio where they set none), each a `Method`. The default set: full SFT, TRL's loss_type="dft" (no callback),
 the entropy-weighted loss, paper-exact ssToken (sstoken_g0.5), soft ssToken (sstoken_soft), the recommendation and
-the oracle (flagged tokens' labels masked), and the recommendation with replay (`recommended_replay`: a quarter of
-the training samples swapped for the base's own replies to general chat prompts, benchmarks/replay.py; the same
-steps on the same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is
-plain SFT with replay). `*_replay_added` keep every task sample and add the replies on top (each batch of 8 grows to
+the oracle (flagged tokens' labels masked), and the two forms of the recommendation meant to forget less,
+`recommended_replay_sampled` and `recommended_anchor_prompt` (below). `recommended_replay` swaps a quarter of
+the training samples for the base's own replies to general chat prompts (benchmarks/replay.py; the same steps on the
+same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is plain SFT with
+replay). `*_replay_added` keep every task sample and add the replies on top (each batch of 8 grows to
 10, the same steps; `_half`: to 12), `recommended_replay_sampled` adds replies drawn from the base's distribution
 instead of its greedy ones (docs/forgetting.md). `*_anchor` (full, recommended, sstoken_soft, hard_truncation) add the
 base anchor (benchmarks/base_anchor.py): the KL to the base on every position the step does not fully train, weight 1
@@ -152,7 +153,7 @@ METHODS["recommended_anchor_prompt"] = Method(
     noisy_sft.METHODS["recommended"], anchor=ANCHOR_WEIGHT, anchor_prompt_only=True
 )
 DEFAULT_METHODS = ("full", "dft", "entropy_weighted", "sstoken_g0.5", "sstoken_soft", "recommended", "oracle")
-DEFAULT_METHODS += ("recommended_replay",)
+DEFAULT_METHODS += ("recommended_replay_sampled", "recommended_anchor_prompt")
 RUN1 = "full"
 TASKS = (ReversalTask, FactsTask, SumsTask, ChatConversationsTask)
 REGIMES = {regime: task for task in TASKS for regime in task.REGIMES}

@@ -7,6 +7,7 @@
   off so that every timed step selects (the warm-up steps are plain SFT).
 - recommended_anchor: the same plus the base anchor (benchmarks/base_anchor.py: a no-grad forward with the adapters
   disabled and the LM head of both models over the positions not fully trained), a forgetting candidate.
+- recommended_anchor_prompt: the same with the anchor on the prompt's positions only (`prompt_only=True`).
 - output_attentions: the published code's attention path, as a reference. Every layer runs eager attention and
   returns its map (`output_attentions=True`); the last layer's map gives the score. History losses come from
   the same cache, and the same fused LM head computes the log-probs, so only the attention path differs.
@@ -35,6 +36,7 @@ from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.selectors import sstoken_select
 
 VARIANTS = ("sft", "online", "cached", "output_attentions", "recommended", "recommended_anchor")
+VARIANTS += ("recommended_anchor_prompt",)
 
 
 class Stopwatch:
@@ -213,10 +215,11 @@ def make_trainers(
         if name == "sft":
             inst = Instruments(device)
             trainer = SFTTrainer(**common, callbacks=[inst])
-        elif name in ("recommended", "recommended_anchor"):
+        elif name.startswith("recommended"):
             callback = SSTokenCallback(SSTokenConfig.recommended(select_warmup_ratio=0.0))
             inst = Instruments(device, callback)
-            anchor = [BaseAnchor(ANCHOR_WEIGHT, callback)] if name == "recommended_anchor" else []
+            prompt_only = name == "recommended_anchor_prompt"
+            anchor = [BaseAnchor(ANCHOR_WEIGHT, callback, prompt_only)] if "anchor" in name else []
             trainer = SFTTrainer(**common, callbacks=[callback, inst, *anchor])
         elif name in ("online", "cached"):
             history = dict(history="cache", history_cache_dir=cache_dir) if name == "cached" else {}

@@ -24,7 +24,8 @@ def test_step_cost_writes_every_variant(tmp_path):
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["machine"]["cpu_count"]
     variants = report["variants"]
-    assert list(variants) == ["sft", "online", "cached", "output_attentions", "recommended", "recommended_anchor"]
+    names = ["sft", "online", "cached", "output_attentions", "recommended", "recommended_anchor"]
+    assert list(variants) == [*names, "recommended_anchor_prompt"]
     for row in variants.values():
         assert "error" not in row and row["steps"] == 2
         for key in ("step_s", "time_ratio", "peak_bytes", "peak_ratio", "step_extra_bytes", "score_s", "collate_s"):
