@@ -11,12 +11,20 @@ out stay free to move away from the base (its gain on noisy answers kept). Autog
 for the backward, so memory grows with anchored positions x vocabulary: right at this benchmark's size; at scale the
 term would need a chunked backward of its own.
 
+With `general` rows (token ids of general text no regime trains on: real chat exchanges), each step also pulls
+the model toward the base on `general_batch` of them, every real position: `anchor_weight` x their mean KL, a term of
+its own beside the task's (the task's loss and its normalisation untouched, unlike replay mixed into the batches,
+which dilutes the task's tokens). The exact KL where replay trains on one draw from the base; the cost: a forward
+without gradient and one with, on those rows. With `on_task=False` only the general rows are anchored.
+
 The term is added through TRL's fused output: TRL's loss is -sum(log_probs) / num_items_in_batch over the trained
 tokens, so the KL mean is subtracted from each trained token's log-prob (the sum moves by exactly the term).
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +40,7 @@ from sstoken_trl.trl_internals import fused_model
 
 CHUNK = 256  # anchored positions per LM-head call
 ANCHOR_WEIGHT = 1.0  # the KL term beside the NLL, both means per token
+GENERAL_BATCH = 2  # general rows anchored per micro-batch: a quarter of the regimes' 8, as replay adds
 
 
 def kl_to_base(h_base: torch.Tensor, h_cur: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
@@ -48,11 +57,28 @@ def kl_to_base(h_base: torch.Tensor, h_cur: torch.Tensor, lm_head: torch.nn.Modu
 class BaseAnchor(TrainerCallback):
     """Installs the anchored loss at train start (after SSTokenCallback, whose selection it reads when given)."""
 
-    def __init__(self, anchor_weight: float, sstoken: SSTokenCallback | None = None, prompt_only: bool = False) -> None:
+    def __init__(
+        self,
+        anchor_weight: float,
+        sstoken: SSTokenCallback | None = None,
+        prompt_only: bool = False,
+        general: Sequence[Sequence[int]] = (),
+        general_batch: int = GENERAL_BATCH,
+        on_task: bool = True,
+        seed: int = 0,
+    ) -> None:
         if anchor_weight <= 0:
             raise ValueError(f"anchor_weight={anchor_weight} must be > 0: the weight of the KL to the base.")
+        if general and not 0 < general_batch <= len(general):
+            raise ValueError(f"general_batch={general_batch} must be in 1..{len(general)}, the general rows given.")
+        if not on_task and not general:
+            raise ValueError("on_task=False anchors nothing without general rows: pass general, or on_task=True.")
         self.anchor_weight, self.sstoken, self.prompt_only = anchor_weight, sstoken, prompt_only
+        self.general, self.general_batch, self.on_task = [list(g) for g in general], general_batch, on_task
+        self._order: list[int] = []  # general rows still to come this pass, drawn by `_rng`
+        self._rng = random.Random(seed)
         self.positions: torch.Tensor | int = 0  # anchored positions over the run (a tensor: no host sync per step)
+        self.general_positions: torch.Tensor | int = 0  # of them, on general rows
         self._restore: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -71,20 +97,25 @@ class BaseAnchor(TrainerCallback):
             if not fused_lm_head or labels is None:
                 return forward(*a, fused_lm_head=fused_lm_head, **kw)
             inputs = {k: kw.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
-            with torch.no_grad(), model.disable_adapter():
-                h_base = backbone(**inputs).last_hidden_state
+            h_base = None
+            if self.on_task:
+                with torch.no_grad(), model.disable_adapter():
+                    h_base = backbone(**inputs).last_hidden_state
             captured: list[torch.Tensor] = []  # the last backbone call is the training forward's
             handle = backbone.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
             try:
                 out = forward(*a, fused_lm_head=True, **kw)
             finally:
                 handle.remove()
-            h_cur = captured[-1]
-            mask = self._anchored(labels, inputs["attention_mask"], out.label_mask)
-            kl = kl_to_base(h_base[:, :-1][mask], h_cur[:, :-1][mask], inner.get_output_embeddings())
-            count = mask.sum()
-            self.positions = self.positions + count
-            term = self.anchor_weight * kl / count.clamp(min=1)
+            h_cur, head = captured[-1], inner.get_output_embeddings()
+            term = h_cur.new_zeros(())
+            if h_base is not None:
+                mask = self._anchored(labels, inputs["attention_mask"], out.label_mask)
+                kl, count = kl_to_base(h_base[:, :-1][mask], h_cur[:, :-1][mask], head), mask.sum()
+                self.positions = self.positions + count
+                term = term + self.anchor_weight * kl / count.clamp(min=1)
+            if self.general:
+                term = term + self.anchor_weight * self._general_kl(model, backbone, head, h_cur.device)
             log_probs = torch.where(out.label_mask, out.log_probs - term, out.log_probs)
             return replace(out, log_probs=log_probs)
 
@@ -95,6 +126,27 @@ class BaseAnchor(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._restore is not None:
             self._restore()
+
+    def _general_kl(
+        self, model: PeftModel, backbone: torch.nn.Module, head: torch.nn.Module, device: torch.device
+    ) -> torch.Tensor:
+        """Mean KL(p_base || p_cur) over every real next-token position of the next `general_batch` general rows
+        (each row once per pass, in an order drawn per pass), right-padded into one batch."""
+        if len(self._order) < self.general_batch:
+            self._order += self._rng.sample(range(len(self.general)), len(self.general))
+        rows = [self.general[i] for i in self._order[: self.general_batch]]
+        del self._order[: self.general_batch]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        real = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        with torch.no_grad(), model.disable_adapter():
+            h_base = backbone(input_ids=ids, attention_mask=real).last_hidden_state
+        h_cur = backbone(input_ids=ids, attention_mask=real).last_hidden_state
+        mask = real[:, 1:].bool()  # position t predicts token t + 1: real when that token is
+        count = mask.sum()
+        self.positions = self.positions + count
+        self.general_positions = self.general_positions + count
+        return kl_to_base(h_base[:, :-1][mask], h_cur[:, :-1][mask], head) / count.clamp(min=1)
 
     def _anchored(
         self, labels: torch.Tensor, attention_mask: torch.Tensor | None, trained: torch.Tensor

@@ -30,17 +30,20 @@ sum) and the mean NLL of the answer tokens (clean_loss).
 Methods (`--methods`, METHODS): the selections of benchmarks/noisy_sft by name (their SSTokenConfig fields, rho
 --select-ratio where they set none), each a `Method`. The default set: full SFT, TRL's loss_type="dft" (no callback),
 the entropy-weighted loss, paper-exact ssToken (sstoken_g0.5), soft ssToken (sstoken_soft), the recommendation and
-the oracle (flagged tokens' labels masked), and the two forms of the recommendation meant to forget less,
-`recommended_replay_sampled` and `recommended_anchor_prompt` (below). `recommended_replay` swaps a quarter of
-the training samples for the base's own replies to general chat prompts (benchmarks/replay.py; the same steps on the
-same number of samples, the replies' generation counted in `total_train_seconds`; `full_replay` is plain SFT with
-replay). `*_replay_added` keep every task sample and add the replies on top (each batch of 8 grows to
-10, the same steps; `_half`: to 12), `recommended_replay_sampled` adds replies drawn from the base's distribution
-instead of its greedy ones (docs/forgetting.md). `*_anchor` (full, recommended, sstoken_soft, hard_truncation) add the
-base anchor (benchmarks/base_anchor.py): the KL to the base on every position the step does not fully train, weight 1
+the oracle (flagged tokens' labels masked), the three forms of the recommendation meant to forget less,
+`recommended_replay_sampled`, `recommended_anchor_prompt` and `recommended_anchor_general` (below), and `full_x2`
+(full SFT given twice the steps), their equal-compute partner. `recommended_replay` swaps a quarter of the training
+samples for the base's own replies to general chat prompts (benchmarks/replay.py; the same steps on the same number of
+samples, the replies' generation counted in `total_train_seconds`; `full_replay` is plain SFT with replay).
+`*_replay_added` keep every task sample and add the replies on top (each batch of 8 grows to 10, the same steps;
+`_half`: to 12), `recommended_replay_sampled` adds replies drawn from the base's distribution instead of its greedy ones
+(docs/forgetting.md). `*_anchor` (full, recommended, sstoken_soft, hard_truncation) add the base anchor
+(benchmarks/base_anchor.py): the KL to the base on every position the step does not fully train, weight 1
 (`_anchor3`: 3; `recommended_anchor_prompt`: the prompt's positions only, the responses the selection left out free).
+`recommended_anchor_general` anchors general text instead: two real chat exchanges no regime uses per step, every
+position, a term beside the task's loss (the task's positions free); `recommended_anchor_prompt_general` both.
 Two-run methods (loss truncation or RHO-1 against run 1 = the `full` run of the same regime, seed and steps, `_self`)
-and `full_x2` (twice the steps, their equal-compute partner) are available by name. Each row carries `optimizer_steps`,
+are available by name, `full_x2` their equal-compute partner too. Each row carries `optimizer_steps`,
 counting run 1, and `total_train_seconds`; the report sets each method beside full SFT (equal steps per run) and beside
 the plain SFT run with the same total optimizer steps (equal compute).
 A new candidate is one line: `METHODS["name"] = Method(dict(...SSTokenConfig fields...))`.
@@ -90,7 +93,7 @@ from benchmarks.noisy_report import summary
 from benchmarks.noisy_task import oracle_row
 from benchmarks.real_report import print_report
 from benchmarks.real_task import ChatSample, ChatTask, ReversalTask, clean_loss, greedy_exact_match
-from benchmarks.replay import base_replies, with_replay, with_replay_added
+from benchmarks.replay import base_replies, general_rows, with_replay, with_replay_added
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.selection.token_cleaning import clean_tokens
 from sstoken_trl.tools.loading import resolve_model
@@ -118,6 +121,8 @@ class Method:
     replay_sampled: bool = False  # the replies drawn from the base's distribution, not greedy
     anchor: float = 0.0  # weight of the KL to the base on the positions not fully trained (benchmarks/base_anchor)
     anchor_prompt_only: bool = False  # the anchor on the prompt's positions only, the responses left free
+    anchor_general: bool = False  # the anchor also on general chat rows beside the task's (benchmarks/replay.py)
+    anchor_on_task: bool = True  # the anchor on the task's own positions (False: on the general rows alone)
 
     def batch(self, batch: int) -> int:
         return batch + round(self.replay_added * batch)
@@ -152,6 +157,12 @@ for _name in ("full", "recommended", "sstoken_soft", "hard_truncation"):
     METHODS[f"{_name}_anchor3"] = Method(noisy_sft.METHODS[_name], anchor=3 * ANCHOR_WEIGHT)
 METHODS["recommended_anchor_prompt"] = Method(
     noisy_sft.METHODS["recommended"], anchor=ANCHOR_WEIGHT, anchor_prompt_only=True
+)
+METHODS["recommended_anchor_general"] = Method(
+    noisy_sft.METHODS["recommended"], anchor=ANCHOR_WEIGHT, anchor_general=True, anchor_on_task=False
+)
+METHODS["recommended_anchor_prompt_general"] = Method(
+    noisy_sft.METHODS["recommended"], anchor=ANCHOR_WEIGHT, anchor_prompt_only=True, anchor_general=True
 )
 DEFAULT_METHODS = SUMMARY_METHODS  # the README's kept table: the two commands there are real_sft's defaults
 RUN1 = "full"
@@ -300,7 +311,12 @@ def fine_tune(name: str, regime: str, seed: int, args: argparse.Namespace) -> di
         sft = noisy_sft.sft_args(
             tmp, steps, method.batch(args.batch), lr, seed, loss_type=noisy_sft.LOSS_TYPES.get(name, "nll")
         )
-        anchor = BaseAnchor(method.anchor, sstoken, method.anchor_prompt_only) if method.anchor else None
+        anchor = None
+        if method.anchor:
+            general = general_rows(tokenizer) if method.anchor_general else ()
+            anchor = BaseAnchor(
+                method.anchor, sstoken, method.anchor_prompt_only, general, on_task=method.anchor_on_task, seed=seed
+            )
         callbacks: list[TrainerCallback] = [c for c in (sstoken, meter, anchor) if c is not None]
         trainer = noisy_sft.train(model, rows, sft, tokenizer, peft_config=noisy_sft.lora(args), callbacks=callbacks)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.chat_task import MAX_TOKENS, user_turns
+from benchmarks.chat_task import MAX_TOKENS, ChatConversationsTask, conversations, user_turns
 from benchmarks.kept_probe import cached, greedy_token_replies, replies_as_samples
 from benchmarks.real_task import ChatSample, ChatTask
 
@@ -41,6 +41,14 @@ def base_replies(
     settings = [REPLAY_CONVERSATIONS, REPLAY_NEW_TOKENS, MAX_TOKENS, *([sample_seed] if sampled else [])]
     built = cached(cache, "replay", model, settings, build, tokenizer, task, sample_seed)
     return replies_as_samples(task, built["prompts"], built["replies"]), built["build_seconds"]
+
+
+def general_rows(tokenizer: Any) -> list[list[int]]:
+    """Token ids (the chat template, the user turn and the human reply) of every exchange of the replay conversations
+    whose turns fit MAX_TOKENS: real general text, no regime's, for the base anchor's general rows (no generation)."""
+    task = ChatConversationsTask(tokenizer)
+    lo, hi = REPLAY_CONVERSATIONS
+    return [task.exchange(*p).input_ids for c in conversations()[lo:hi] for p in c if task.fits(*p)]
 
 
 def with_replay_added(samples: list[ChatSample], replay: list[ChatSample], share: float, rng: random.Random) -> list:

@@ -8,6 +8,8 @@
 - recommended_anchor: the same plus the base anchor (benchmarks/base_anchor.py: a no-grad forward with the adapters
   disabled and the LM head of both models over the positions not fully trained), a forgetting candidate.
 - recommended_anchor_prompt: the same with the anchor on the prompt's positions only (`prompt_only=True`).
+- recommended_anchor_general: the recommendation with the anchor on general rows alone (two rows of the data's own
+  shape per step, a forward without gradient and one with: the general chat rows of benchmarks/real_sft).
 - output_attentions: the published code's attention path, as a reference. Every layer runs eager attention and
   returns its map (`output_attentions=True`); the last layer's map gives the score. History losses come from
   the same cache, and the same fused LM head computes the log-probs, so only the attention path differs.
@@ -29,14 +31,14 @@ from transformers import PreTrainedModel, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from benchmarks.base_anchor import ANCHOR_WEIGHT, BaseAnchor
+from benchmarks.base_anchor import ANCHOR_WEIGHT, GENERAL_BATCH, BaseAnchor
 from sstoken_trl import SSTokenCallback, SSTokenConfig
 from sstoken_trl.history.cache import CACHED_LOG_PROBS, LossCache
 from sstoken_trl.scoring.layout import Layout, batch_layout
 from sstoken_trl.selection.selectors import sstoken_select
 
 VARIANTS = ("sft", "online", "cached", "output_attentions", "recommended", "recommended_anchor")
-VARIANTS += ("recommended_anchor_prompt",)
+VARIANTS += ("recommended_anchor_prompt", "recommended_anchor_general")
 
 
 class Stopwatch:
@@ -220,6 +222,9 @@ def make_trainers(
             inst = Instruments(device, callback)
             prompt_only = name == "recommended_anchor_prompt"
             anchor = [BaseAnchor(ANCHOR_WEIGHT, callback, prompt_only)] if "anchor" in name else []
+            if name == "recommended_anchor_general":
+                general = dataset["input_ids"][:GENERAL_BATCH]
+                anchor = [BaseAnchor(ANCHOR_WEIGHT, general=general, general_batch=GENERAL_BATCH, on_task=False)]
             trainer = SFTTrainer(**common, callbacks=[callback, inst, *anchor])
         elif name in ("online", "cached"):
             history = dict(history="cache", history_cache_dir=cache_dir) if name == "cached" else {}

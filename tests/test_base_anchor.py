@@ -101,3 +101,45 @@ def test_a_run_with_the_selection_anchors_and_leaves_trl_forward_in_place(tiny_f
     inner = trainer.model.get_base_model()
     assert anchor.positions > 0 and sstoken.last_selection is not None
     assert getattr(vars(inner)["forward"], "__wrapped__", None) is type(inner).forward  # TRL's fused head, no wrapper
+
+
+def test_the_general_rows_term_matches_the_plain_kl_and_leaves_the_task_free(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(base_anchor, "CHUNK", 5)
+    general = [[3, 9, 4, 12, 7, 8], [5, 6, 11], [2, 14, 9, 9]]
+    anchor = base_anchor.BaseAnchor(0.4, general=general, general_batch=2, on_task=False, seed=1)
+    trainer, _ = _trainer(tiny_folder, tmp_path, anchor)
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    rng = random.Random(1)
+    first, second = rng.sample(range(3), 3), rng.sample(range(3), 3)  # each pass's order
+    order = first[:2]  # the rows the first step draws
+    params = [p for n, p in model.named_parameters() if "lora_A" in n][:3]
+    loss = trainer.compute_loss(model, batch)
+    grads = torch.autograd.grad(loss, params)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    labels = batch["labels"][:, 1:]
+    logp = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][labels != -100].mean()
+    kls = []
+    for index in order:  # one row at a time, no padding: the KL at each of its next-token positions
+        ids = torch.tensor([general[index]])
+        cur = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        with torch.no_grad(), model.disable_adapter():
+            base = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        kls.append((base.exp() * (base - cur)).sum(-1))
+    kl = torch.cat(kls).mean()
+    assert kl > 1e-3
+    reference = nll + 0.4 * kl
+    assert torch.allclose(loss, reference, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(reference, params), strict=True):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-6)
+    assert anchor.positions == anchor.general_positions == sum(len(general[i]) - 1 for i in order)
+    trainer.compute_loss(model, batch)  # the second step: the pass's last row, then the next pass's first
+    assert anchor.general_positions == sum(len(r) - 1 for r in general) + len(general[second[0]]) - 1
+
+
+def test_the_general_rows_are_checked():
+    with pytest.raises(ValueError, match="general_batch"):
+        base_anchor.BaseAnchor(1.0, general=[[1, 2]], general_batch=2)
+    with pytest.raises(ValueError, match="on_task=False"):
+        base_anchor.BaseAnchor(1.0, on_task=False)

@@ -25,7 +25,7 @@ def test_step_cost_writes_every_variant(tmp_path):
     assert report["shape"] == "tiny" and report["machine"]["cpu_count"]
     variants = report["variants"]
     names = ["sft", "online", "cached", "output_attentions", "recommended", "recommended_anchor"]
-    assert list(variants) == [*names, "recommended_anchor_prompt"]
+    assert list(variants) == [*names, "recommended_anchor_prompt", "recommended_anchor_general"]
     for row in variants.values():
         assert "error" not in row and row["steps"] == 2
         for key in ("step_s", "time_ratio", "peak_bytes", "peak_ratio", "step_extra_bytes", "score_s", "collate_s"):

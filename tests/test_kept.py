@@ -150,3 +150,21 @@ def test_the_kept_tables_name_the_seeds_in_order_and_close_gaps_on_the_seeds_sha
     kept_report.main(["--summary", str(tmp_path / "r.json"), "--methods", "oracle,recommended"])
     printed = capsys.readouterr().out
     assert "| regime | base | oracle | recommended |" in printed and "chat: recommended 50% (seeds 0)" in printed
+
+
+def test_general_rows_are_real_exchanges_no_regime_uses_and_the_anchor_on_them_trains(tmp_path, tiny_folder):
+    _, tokenizer = real_sft.load(tiny_folder)
+    rows = replay.general_rows(tokenizer)
+    task = chat_task.ChatConversationsTask(tokenizer)
+    assert len(rows) > 500 and all(r[-1] == task.end_id for r in rows)  # each a whole exchange, its end token last
+    lo, hi = chat_task.HELD_OUT_CONVERSATIONS  # the chat regime's held-out replies: none is anchored
+    held = {tuple(task.exchange(*p).input_ids) for c in chat_task.conversations()[lo:hi] for p in c}
+    assert held.isdisjoint(map(tuple, rows))
+    out, runs = tmp_path / "real.json", tmp_path / "runs"
+    runs.mkdir()
+    (runs / "tiny-llama").symlink_to(tiny_folder)
+    argv = ["--tiny", "--steps", "2", "--batch", "4", "--eval", "6", "--runs-dir", str(runs), "--out", str(out)]
+    real_sft.main([*argv, "--regimes", "new_facts", "--methods", "recommended,recommended_anchor_general"])
+    methods = json.loads(out.read_text())["regimes"]["new_facts"]["methods"]
+    plain, anchored = (methods[m]["seeds"]["0"] for m in ("recommended", "recommended_anchor_general"))
+    assert anchored["chat_drift"] > 0 and anchored["clean_loss"] != plain["clean_loss"]  # the term moved training
