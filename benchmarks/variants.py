@@ -220,11 +220,11 @@ def make_trainers(
         elif name.startswith("recommended"):
             callback = SSTokenCallback(SSTokenConfig.recommended(select_warmup_ratio=0.0))
             inst = Instruments(device, callback)
-            prompt_only = name == "recommended_anchor_prompt"
-            anchor = [BaseAnchor(ANCHOR_WEIGHT, callback, prompt_only)] if "anchor" in name else []
-            if name == "recommended_anchor_general":
-                general = dataset["input_ids"][:GENERAL_BATCH]
-                anchor = [BaseAnchor(ANCHOR_WEIGHT, general=general, general_batch=GENERAL_BATCH, on_task=False)]
+            anchor: list[BaseAnchor] = []
+            if name == "recommended_anchor_general":  # two of the data's own rows stand in for general text
+                anchor = [BaseAnchor(ANCHOR_WEIGHT, general=dataset["input_ids"][:GENERAL_BATCH], on_task=False)]
+            elif "anchor" in name:
+                anchor = [BaseAnchor(ANCHOR_WEIGHT, callback, prompt_only=name == "recommended_anchor_prompt")]
             trainer = SFTTrainer(**common, callbacks=[callback, inst, *anchor])
         elif name in ("online", "cached"):
             history = dict(history="cache", history_cache_dir=cache_dir) if name == "cached" else {}
