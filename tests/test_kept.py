@@ -152,6 +152,37 @@ def test_the_kept_tables_name_the_seeds_in_order_and_close_gaps_on_the_seeds_sha
     assert "| regime | base | oracle | recommended |" in printed and "chat: recommended 50% (seeds 0)" in printed
 
 
+def test_the_bar_compares_a_method_with_full_sft_on_the_seeds_both_ran(tmp_path, capsys):
+    def run(loss, kept, accuracy=None):
+        row = {"clean_loss": loss, "knowledge_kept": kept, "chat_drift": 1.0, "optimizer_steps": 40}
+        return row if accuracy is None else {**row, "accuracy": accuracy}
+
+    chat = {  # full keeps under half: the bar asks twice its share; seed 1 is full SFT's alone
+        "full": {"seeds": {"0": run(3.6, 0.4), "1": run(9.0, 0.9)}},
+        "cand": {"seeds": {"0": run(3.6004, 0.8)}},  # the same loss at the tables' three decimals
+    }
+    wrong = {  # answers are noisy: 60% of full SFT's gap to the oracle (0.2 to 0.1) must close
+        "full": {"seeds": {"0": run(0.2, 0.6, 0.8)}},
+        "oracle": {"seeds": {"0": run(0.1, 0.6, 0.9)}},
+        "cand": {"seeds": {"0": run(0.15, 0.5, 0.85)}},
+    }
+    report = {"regimes": {"chat": {"methods": chat}, "wrong": {"methods": wrong}, "sums": {"methods": {}}}}
+    rows = {r[0]: r for r in kept_report.bar_rows(report, "cand")}
+    assert list(rows) == ["chat", "wrong"]  # sums: neither ran
+    assert rows["chat"][1:] == ["0", "3.600 / 3.600", "-", "80% / 40% (2.00x)", "-", "meets"]
+    assert rows["wrong"][5:] == ["50%", "keeps less; closes under 60% of the gap"]
+    chat["cand"]["seeds"]["0"] = run(3.61, 0.79)
+    assert kept_report.bar_rows(report, "cand")[0][-1] == "learns less (answer loss); keeps under 2 times"
+    wrong["cand"]["seeds"]["0"] = run(0.14, 0.6, 0.7)  # 60% closed, the same kept, fewer exact matches
+    assert kept_report.bar_rows(report, "cand")[1][5:] == ["60%", "learns less (exact match)"]
+    report["settings"] = {"lr": 5e-4}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    kept_report.main(["--bar", "cand", str(tmp_path / "r.json")])
+    assert "| wrong | 0 | 0.140 / 0.200 | 0.700 / 0.800 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="shares no seed with full SFT"):
+        kept_report.main(["--bar", "nothing", str(tmp_path / "r.json")])
+
+
 def test_general_rows_are_real_exchanges_no_regime_uses_and_the_anchor_on_them_trains(tmp_path, tiny_folder):
     _, tokenizer = real_sft.load(tiny_folder)
     rows = replay.general_rows(tokenizer)
