@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.noisy_report import FULL, ORACLE, markdown, summary
+from benchmarks.noisy_report import FULL, LEVEL, ORACLE, markdown, summary
 
 COLUMNS = {"accuracy": "exact match", "clean_loss": "answer loss", "knowledge_kept": "knowledge kept"}
 COLUMNS["chat_drift"] = "chat drift (NLL)"
@@ -99,20 +99,27 @@ def gaps_closed(report: dict[str, Any], names: list[str]) -> list[str]:
             common = sorted(seeds[name] & seeds[FULL] & seeds[ORACLE], key=int)
             if not common:
                 continue
-            loss = {n: statistics.fmean(methods[n]["seeds"][k]["clean_loss"] for k in common) for n in (name, FULL)}
-            gap = statistics.fmean(methods[ORACLE]["seeds"][k]["clean_loss"] for k in common) - loss[FULL]
-            if abs(gap) > 1e-9:  # an oracle level with full SFT leaves no gap to close
-                cells.append(f"{name} {(loss[name] - loss[FULL]) / gap:.0%} (seeds {','.join(common)})")
+            share = share_closed(methods, name, common)
+            if share is not None:
+                cells.append(f"{name} {share:.0%} (seeds {','.join(common)})")
         if cells:
             lines.append(f"{regime}: " + ", ".join(cells))
     return lines
 
 
+def share_closed(methods: dict[str, Any], name: str, seeds: list[str]) -> float | None:
+    """(method - full SFT) / (oracle - full SFT) on the answer loss, means over `seeds`; None where the oracle is level
+    with full SFT (no gap to close)."""
+    loss = {n: statistics.fmean(methods[n]["seeds"][k]["clean_loss"] for k in seeds) for n in (name, FULL, ORACLE)}
+    gap = loss[ORACLE] - loss[FULL]
+    return (loss[name] - loss[FULL]) / gap if abs(gap) > 1e-9 else None
+
+
 def bar_rows(report: dict[str, Any], name: str) -> list[list[str]]:
-    """Per regime, `name` against full SFT on the seeds both ran (means): learned at least as much (answer loss no
-    higher, exact match no lower, at the tables' three decimals), knowledge kept no less, and twice as much where full
-    SFT keeps under half, and where answers are noisy (NOISY_ANSWERS) at least 60% of full SFT's answer-loss gap to the
-    oracle closed on those seeds. The last cell names what the method misses, or "meets"."""
+    """Per regime, `name` against full SFT on the seeds both ran (means): learned at least as much (answer loss not
+    higher, exact match not lower, by more than LEVEL: the precision shown), knowledge kept no less, and twice as much
+    where full SFT keeps under half, and where answers are noisy (NOISY_ANSWERS) at least 60% of full SFT's answer-loss
+    gap to the oracle closed on those seeds. The last cell names what the method misses, or "meets"."""
     rows = []
     for regime, part in report["regimes"].items():
         methods = part["methods"]
@@ -124,24 +131,22 @@ def bar_rows(report: dict[str, Any], name: str) -> list[list[str]]:
         mean = {n: summary([methods[n]["seeds"][k] for k in common]) for n in (name, FULL)}
         ours, full = ({k: v["mean"] for k, v in mean[n].items()} for n in (name, FULL))
         misses = []
-        if round(ours["clean_loss"], 3) > round(full["clean_loss"], 3):
+        if ours["clean_loss"] - full["clean_loss"] > LEVEL:
             misses.append("learns less (answer loss)")
-        if "accuracy" in full and round(ours["accuracy"], 3) < round(full["accuracy"], 3):
+        if "accuracy" in full and full["accuracy"] - ours["accuracy"] > LEVEL:
             misses.append("learns less (exact match)")
         times = ours["knowledge_kept"] / full["knowledge_kept"] if full["knowledge_kept"] else float("inf")
         if times < 1:
             misses.append("keeps less")
         elif full["knowledge_kept"] < 0.5 and times < KEEP_TIMES:
             misses.append(f"keeps under {KEEP_TIMES:g} times")
-        closed = "-"  # the gap where an oracle ran; the bar asks it where answers are noisy
-        oracle = methods.get(ORACLE, {"seeds": {}})["seeds"]
-        if all(k in oracle for k in common):
-            gap = statistics.fmean(oracle[k]["clean_loss"] for k in common) - full["clean_loss"]
-            if abs(gap) > 1e-9:
-                share = (ours["clean_loss"] - full["clean_loss"]) / gap
-                closed = f"{share:.0%}"
-                if regime in NOISY_ANSWERS and share < GAP_SHARE:
-                    misses.append(f"closes under {GAP_SHARE:.0%} of the gap")
+        closed = "-"  # the gap where an oracle ran on those seeds; the bar asks it where answers are noisy
+        oracle = set(kept_seeds(methods[ORACLE])) if ORACLE in methods else set()
+        share = share_closed(methods, name, common) if oracle.issuperset(common) else None
+        if share is not None:
+            closed = f"{share:.0%}"
+            if regime in NOISY_ANSWERS and share < GAP_SHARE:
+                misses.append(f"closes under {GAP_SHARE:.0%} of the gap")
         em = f"{ours['accuracy']:.3f} / {full['accuracy']:.3f}" if "accuracy" in full else "-"
         kept = f"{ours['knowledge_kept']:.0%} / {full['knowledge_kept']:.0%} ({times:.2f}x)"
         loss = f"{ours['clean_loss']:.3f} / {full['clean_loss']:.3f}"
